@@ -1,0 +1,83 @@
+"""Builds a running agent from Settings: model, source, transport, pipeline; and shuts it down cleanly."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+from agent.config import Settings
+from agent.messages import SequenceCounter
+from agent.model import LoadedModel, load_model
+from agent.pipeline import ModelSlot, Pipeline, PipelineStats
+from agent.sources import open_source
+from agent.topics import Topics
+from agent.transport.base import Transport
+
+# Explicit registry: transport name -> "module:factory". Imported only when chosen, so the console
+# transport never pays for awscrt. Each factory takes (settings, topics) and returns a Transport.
+TRANSPORTS = {
+    "console": "agent.transport.console:from_settings",
+    "mqtt": "agent.transport.mqtt:from_settings",
+    "greengrass": "agent.transport.greengrass:from_settings",
+}
+
+
+def build_transport(settings: Settings) -> Transport:
+    module_name, factory = TRANSPORTS[settings.transport].split(":")
+    topics = Topics.for_thing(settings.topics, settings.thing_name)
+    return getattr(importlib.import_module(module_name), factory)(settings, topics)
+
+
+def load_configured_model(settings: Settings) -> LoadedModel:
+    """The model the settings name, verified and checked, or a ModelError."""
+    model = settings.model
+    return load_model(
+        model.bundle,
+        trusted_keys=model.trusted_keys,
+        require_signature=model.require_signature,
+        backend=model.backend,
+        num_threads=model.num_threads,
+        max_bytes=int(model.max_bundle_mb * 1024 * 1024),
+    )
+
+
+def build_pipeline(settings: Settings, transport: Transport, sequence: SequenceCounter) -> Pipeline:
+    """Model first (the likeliest thing to be wrong), then the source; both fail with one clear line."""
+    slot = ModelSlot(load_configured_model(settings), settings.vision)
+    return Pipeline(
+        open_source(settings.source),
+        slot,
+        transport,
+        sequence,
+        score_threshold=settings.model.score_threshold,
+        publish_empty=settings.publish_empty,
+        metrics_interval_s=settings.metrics_interval_s,
+    )
+
+
+@contextmanager
+def stop_on_signals(pipeline: Pipeline) -> Iterator[None]:
+    """SIGTERM (how Greengrass and systemd stop us) and Ctrl-C finish the current frame, then shut down."""
+    handler = lambda signum, frame: pipeline.stop()  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_agent(settings: Settings) -> PipelineStats:
+    """The `edge-agent run` command: serve until the source ends, max_frames, or a stop signal."""
+    sequence = SequenceCounter(settings.thing_name)
+    transport = build_transport(settings)
+    pipeline = build_pipeline(settings, transport, sequence)
+    transport.start(pipeline.status("online"))
+    try:
+        with stop_on_signals(pipeline):
+            return pipeline.run(settings.max_frames)
+    finally:
+        pipeline.source.close()
+        transport.close(pipeline.status("offline", reason="stopped"))

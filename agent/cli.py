@@ -1,0 +1,177 @@
+"""`edge-agent`: argument parsing only. Every command calls into the modules that do the work.
+
+This is the one place an AgentError becomes a line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from agent import __version__
+from agent.errors import AgentError
+
+# Everyday flags of `run`, `infer` and `bench`: flag -> (settings key path, argparse options, help).
+# Values go to the settings tree unconverted, so pydantic validates flags, files and env vars alike.
+SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
+    "--source": (("source", "spec"), {}, "camera:N, a video file, an image folder, or an rtsp:// / http(s):// URL"),
+    "--model": (("model", "bundle"), {}, "model bundle directory or .zip"),
+    "--transport": (("transport",), {"choices": ["console", "mqtt", "greengrass"]}, "where results go"),
+    "--max-frames": (("max_frames",), {}, "stop after N frames"),
+    "--thing-name": (("thing_name",), {}, "IoT thing name (also the MQTT client id)"),
+    "--endpoint": (("mqtt", "endpoint"), {}, "IoT Core data endpoint"),
+    "--port": (("mqtt", "port"), {}, "MQTT port (default 8883)"),
+    "--cert": (("mqtt", "cert"), {}, "device certificate (PEM)"),
+    "--key": (("mqtt", "key"), {}, "device private key (PEM)"),
+    "--ca": (("mqtt", "ca"), {}, "CA certificate for the endpoint (default: Amazon Root CA 1)"),
+    "--backend": (("model", "backend"), {"choices": ["auto", "litert", "tflite-runtime"]}, "TFLite runtime"),
+    "--threshold": (("model", "score_threshold"), {}, "publish predictions scoring at least this"),
+    "--pace-fps": (("source", "pace_fps"), {}, "deliver file frames at this rate, like a camera"),
+    "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
+}
+SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
+    "--loop": (("source", "loop"), True, "restart a video file or folder at its end"),
+    "--allow-unsigned": (("model", "require_signature"), False, "accept models without a trusted signature (development only)"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _dest(flag: str) -> str:
+    return "setting_" + flag.lstrip("-").replace("-", "_")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="settings file (.yaml, .json or .toml)")
+    for flag, (_, options, help_text) in SETTING_FLAGS.items():
+        parser.add_argument(flag, dest=_dest(flag), help=help_text, **options)
+    for flag, (_, value, help_text) in SWITCH_FLAGS.items():
+        parser.add_argument(flag, dest=_dest(flag), action="store_const", const=value, help=help_text)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags the user gave, as a nested settings dict."""
+    overrides: dict[str, Any] = {}
+    for flag, (path, *_rest) in {**SETTING_FLAGS, **SWITCH_FLAGS}.items():
+        value = getattr(args, _dest(flag))
+        if value is None:
+            continue
+        node = overrides
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return overrides
+
+
+def settings_from(args: argparse.Namespace):
+    from agent.config import load_settings
+
+    return load_settings(args.config, flag_overrides(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import run_agent
+
+    stats = run_agent(settings_from(args))
+    print(json.dumps({"frames": stats.frames, "results": stats.results, "predictions": stats.predictions}), file=sys.stderr)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from agent.infer import infer_images
+
+    for result in infer_images(settings_from(args), args.images):
+        print(result.model_dump_json(exclude_none=True))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import run_bench
+
+    print(json.dumps(run_bench(settings_from(args), seconds=args.seconds), indent=2))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from agent.schemas import write_schemas
+
+    for path in write_schemas(args.out):
+        print(path)
+    return 0
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from agent.bundle import open_bundle
+
+    bundle = open_bundle(args.bundle, trusted_keys=args.trusted_key, require_signature=not args.allow_unsigned, max_bytes=args.max_bytes)
+    manifest = bundle.manifest
+    print(json.dumps({"ok": True, "name": manifest.name, "version": manifest.version, "signed_by": bundle.key_id}))
+    return 0
+
+
+def cmd_model_eval(args: argparse.Namespace) -> int:
+    from agent.evaluate import evaluate_bundle
+
+    print(json.dumps(evaluate_bundle(args.bundle, trusted_keys=args.trusted_key, require_signature=not args.allow_unsigned), indent=2))
+    return 0
+
+
+def build_parser() -> Parser:
+    from agent.config import DEV_SIGNING_KEY
+
+    parser = Parser(prog="edge-agent", description="Edge vision agent: camera frames -> int8 TFLite -> AWS IoT Core.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = commands.add_parser("run", help="serve: read frames, infer, publish results")
+    add_setting_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+    infer = commands.add_parser("infer", help="run the model on image files and print one result per image")
+    infer.add_argument("images", nargs="+", type=Path)
+    add_setting_flags(infer)
+    infer.set_defaults(handler=cmd_infer)
+
+    bench = commands.add_parser("bench", help="measure invoke latency, per-frame cost, CPU, memory, start-up; prints JSON")
+    bench.add_argument("--seconds", type=float, default=10.0, help="how long the 30 fps run lasts")
+    add_setting_flags(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+    schema = commands.add_parser("schema", help="write the JSON Schemas of the published messages")
+    schema.add_argument("--out", type=Path, default=None, help="folder (default: the package's schemas folder)")
+    schema.set_defaults(handler=cmd_schema)
+
+    model = commands.add_parser("model", help="check a model bundle").add_subparsers(dest="model_command", required=True, parser_class=Parser)
+    for name, handler, help_text in (
+        ("verify", cmd_model_verify, "check hashes and signature; prints the bundle's name and version"),
+        ("eval", cmd_model_eval, "accuracy on MNIST test and golden set, invoke latency"),
+    ):
+        sub = model.add_parser(name, help=help_text)
+        sub.add_argument("bundle", type=Path)
+        sub.add_argument("--trusted-key", type=Path, action="append", help="Ed25519 public key (repeatable; default: the development key)")
+        sub.add_argument("--allow-unsigned", action="store_true", help="accept a bundle without a signature")
+        sub.add_argument("--max-bytes", type=int, default=16 * 1024 * 1024, help="largest bundle accepted")
+        sub.set_defaults(handler=handler, trusted_key_default=[DEV_SIGNING_KEY])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "trusted_key_default", None) and not args.trusted_key:
+        args.trusted_key = args.trusted_key_default
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except AgentError as error:
+        print(f"edge-agent: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

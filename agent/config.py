@@ -1,0 +1,158 @@
+"""Every setting of the agent, as one pydantic model tree.
+
+Sources, lowest priority first: defaults, a settings file (`--config`, YAML/JSON/TOML), environment
+variables (`EDGE_AGENT_` prefix, `__` between levels: `EDGE_AGENT_MQTT__ENDPOINT`), command-line flags,
+and under Greengrass the component configuration (same names, same tree). Each module receives only the
+branch it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import EnvSettingsSource
+
+from agent.errors import ConfigError
+from agent.vision.digits import DigitFinderSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_BUNDLE = REPO_ROOT / "models" / "mnist" / "bundle"
+SHIPPED_SAMPLE_VIDEO = REPO_ROOT / "models" / "mnist" / "sample" / "sample.avi"
+DEV_SIGNING_KEY = REPO_ROOT / "models" / "keys" / "dev-signing.pub"
+AMAZON_ROOT_CA = Path(__file__).resolve().parent / "certs" / "AmazonRootCA1.pem"
+
+
+class Section(BaseModel):
+    """A settings branch: unknown keys are errors, so a typo is named instead of silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSettings(Section):
+    spec: str = Field(str(SHIPPED_SAMPLE_VIDEO), description="camera:N, a video file, an image folder, or an rtsp:// / http(s):// stream URL")
+    loop: bool = Field(False, description="restart a video file or image folder at its end instead of stopping")
+    pace_fps: float | None = Field(None, gt=0, description="deliver file frames at this rate, like a camera (default: as fast as the model goes)")
+    reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a live source that disappeared")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reopen attempts (exponential backoff)")
+    read_timeout_s: float = Field(5.0, gt=0, description="a live source with no new frame for this long counts as stalled")
+
+
+class ModelSettings(Section):
+    bundle: Path = Field(SHIPPED_BUNDLE, description="model bundle directory or .zip")
+    trusted_keys: list[Path] = Field(default_factory=lambda: [DEV_SIGNING_KEY], description="Ed25519 public keys (PEM) allowed to sign bundles")
+    require_signature: bool = Field(True, description="refuse bundles without a valid signature from a trusted key")
+    backend: Literal["auto", "litert", "tflite-runtime"] = "auto"
+    num_threads: int = Field(1, ge=1, le=64)
+    max_bundle_mb: float = Field(16.0, gt=0, description="largest bundle accepted, unpacked")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="predictions scoring below this are not published")
+
+
+class TopicSettings(Section):
+    prefix: str = Field("edge", description="first topic level; '{thing}' below is the thing name")
+    inference: str = "{prefix}/{thing}/inference"
+    status: str = "{prefix}/{thing}/status"
+    metrics: str = "{prefix}/{thing}/metrics"
+    commands: str = "{prefix}/{thing}/commands"
+
+
+class MqttSettings(Section):
+    endpoint: str | None = Field(None, description="IoT Core data endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS)")
+    port: int = Field(8883, ge=1, le=65535)
+    cert: Path | None = Field(None, description="device certificate (PEM)")
+    key: Path | None = Field(None, description="device private key (PEM)")
+    ca: Path = Field(AMAZON_ROOT_CA, description="CA that signed the endpoint's certificate")
+    keep_alive_s: int = Field(60, ge=5, le=1200)
+    flow_control: Literal["iot-core", "none"] = Field("iot-core", description="iot-core caps publishing at IoT Core's per-connection quotas")
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class OutboxSettings(Section):
+    path: Path = Field(Path("var/outbox.sqlite3"), description="SQLite spool holding results until their PUBACK")
+    max_mb: float = Field(64.0, gt=0, description="oldest results are dropped (and counted) past this size")
+    max_age_s: float = Field(7 * 24 * 3600, gt=0, description="results older than this are dropped (and counted)")
+    max_publishes_per_s: float = Field(100.0, gt=0, description="IoT Core allows 100 publishes/s per connection")
+    max_bytes_per_s: float = Field(512 * 1024, gt=0, description="IoT Core allows 512 KiB/s per connection")
+
+
+class Settings(Section):
+    """The whole agent configuration."""
+
+    thing_name: str = Field("local-dev", min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_-]+$", description="IoT thing name; also the MQTT client id")
+    transport: Literal["console", "mqtt", "greengrass"] = "console"
+    max_frames: int | None = Field(None, ge=1, description="stop after this many frames (default: until the source ends)")
+    metrics_interval_s: float = Field(60.0, gt=0, description="how often pipeline statistics are published")
+    publish_empty: bool = Field(False, description="also publish frames in which nothing was found")
+    source: SourceSettings = SourceSettings()
+    model: ModelSettings = ModelSettings()
+    vision: DigitFinderSettings = DigitFinderSettings()
+    topics: TopicSettings = TopicSettings()
+    mqtt: MqttSettings = MqttSettings()
+    outbox: OutboxSettings = OutboxSettings()
+
+
+def environment_values() -> dict[str, Any]:
+    """EDGE_AGENT_* variables as a nested dict (values still strings; Settings validates them)."""
+    return EnvSettingsSource(Settings, env_prefix="EDGE_AGENT_", env_nested_delimiter="__")()
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """A settings file as a dict; the format follows the extension (.yaml/.yml, .json, .toml)."""
+    loaders = {".yaml": yaml.safe_load, ".yml": yaml.safe_load, ".json": json.loads, ".toml": tomllib.loads}
+    loader = loaders.get(path.suffix)
+    if loader is None:
+        raise ConfigError(f"--config {path}: unknown format; use a .yaml, .json or .toml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror}); pass an existing settings file") from None
+    try:
+        data = loader(text) or {}
+    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings at the top level")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged key by key; `override` wins. Layers file < environment < flags, and live updates."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def describe_validation_error(error: ValidationError, origin: str = "setting") -> str:
+    """The first pydantic error as one line: which key, what was wrong, what it got."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting; check its spelling against the settings table in README.md"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or first["type"] in ("missing", "extra_forbidden") else f" (got {value!r})"
+    return f"{origin} {key}: {message}{shown}"
+
+
+def validate_settings(values: dict[str, Any], origin: str = "setting") -> Settings:
+    """A dict of settings -> Settings, or a ConfigError naming the first bad key."""
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, origin)) from None
+
+
+def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
+    """Defaults < settings file < EDGE_AGENT_* environment < command-line flags."""
+    layered = read_settings_file(config_file) if config_file else {}
+    layered = deep_merge(layered, environment_values())
+    return validate_settings(deep_merge(layered, flags or {}))

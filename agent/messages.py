@@ -1,0 +1,125 @@
+"""The messages the agent publishes, as pydantic models with a published JSON Schema.
+
+Every message carries a schema version, a unique id, and (run id, sequence) so a receiver can drop
+duplicates (QoS1 delivers at least once) and spot gaps. Times are UTC ISO 8601, scores are numbers.
+`agent/schemas/*.json` are generated from these models (`edge-agent schema`) and checked by a test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class Box(Message):
+    """Where a prediction is, in frame pixels (origin top-left)."""
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(gt=0)
+    h: int = Field(gt=0)
+
+
+class Prediction(Message):
+    label: str
+    class_index: int = Field(ge=0)
+    score: float = Field(ge=0.0, le=1.0)
+    box: Box | None = None
+
+
+class ModelRef(Message):
+    """Which model produced a result: enough to tell two versions of the same model apart."""
+
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class StageLatency(Message):
+    """Milliseconds spent in each stage of the frame's trip through the pipeline."""
+
+    find_ms: float = Field(ge=0)
+    classify_ms: float = Field(ge=0)
+    total_ms: float = Field(ge=0, description="from frame handed to the pipeline to result built")
+
+
+class Envelope(Message):
+    """Fields every message shares."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_message_id)
+    thing_name: str
+    run_id: str = Field(description="changes every time the agent starts; sequence restarts at 1 with it")
+    sequence: int = Field(ge=1, description="per (thing, run), +1 for every message of any kind")
+    sent_at: datetime = Field(default_factory=utc_now)
+
+
+class InferenceResult(Envelope):
+    kind: Literal["inference"] = "inference"
+    source: str
+    frame: int = Field(ge=0, description="frame number within the source, from 0")
+    captured_at: datetime
+    model: ModelRef
+    predictions: list[Prediction]
+    latency: StageLatency
+
+
+class StatusMessage(Envelope):
+    """Retained on the status topic; the MQTT last will publishes the offline form."""
+
+    kind: Literal["status"] = "status"
+    state: Literal["online", "offline", "degraded"]
+    agent_version: str
+    model: ModelRef | None = None
+    reason: str | None = None
+
+
+class MetricsMessage(Envelope):
+    kind: Literal["metrics"] = "metrics"
+    interval_s: float
+    frames_read: int
+    frames_dropped: int
+    frames_corrupt: int
+    results: int
+    fps: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    outbox_depth: int = 0
+    outbox_dropped: int = 0
+
+
+PUBLISHED = {"inference-result": InferenceResult, "status": StatusMessage, "metrics": MetricsMessage}
+
+
+class SequenceCounter:
+    """Hands out (run id, sequence) for one run of the agent. One instance serves every message kind."""
+
+    def __init__(self, thing_name: str):
+        self.thing_name = thing_name
+        self.run_id = new_message_id()
+        self._sequence = itertools.count(1)  # next() on it is atomic under the GIL: safe from any thread
+
+    def envelope(self) -> dict:
+        """Keyword arguments for a new message's envelope fields."""
+        return {"thing_name": self.thing_name, "run_id": self.run_id, "sequence": next(self._sequence)}
