@@ -1,0 +1,97 @@
+"""How good and how fast a model is: MNIST test accuracy, golden-set accuracy, invoke latency.
+
+The training program records these figures in the manifest with the same functions that
+`edge-agent model eval` and `bench` use on a device, so the two can be compared number for number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel
+
+from agent.errors import ModelError
+from agent.runtime import Runtime
+
+if TYPE_CHECKING:
+    from agent.model import LoadedModel
+
+MNIST_PATH = Path(__file__).resolve().parent.parent / "models" / "mnist" / "data" / "mnist.npz"
+MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
+
+
+def load_mnist(path: Path = MNIST_PATH) -> dict[str, np.ndarray]:
+    """x_train, y_train, x_test, y_test from the repo's MNIST copy, refused unless its sha256 is MNIST's."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"MNIST data {path}: cannot read it ({exc.strerror}); it ships in the repo at models/mnist/data/mnist.npz") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MNIST_SHA256:
+        raise ModelError(f"MNIST data {path}: sha256 {digest[:12]}... is not MNIST's {MNIST_SHA256[:12]}...; restore models/mnist/data/mnist.npz")
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+
+
+def accuracy(classify: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of uint8 images (already preprocessed) whose top score is their label."""
+    scores = classify(images.astype(np.float32) / 255.0)
+    return float(np.mean(np.argmax(scores, axis=1) == labels))
+
+
+def invoke_latency_us(runtime: Runtime, image: np.ndarray, repeats: int = 3000, warmup: int = 200) -> tuple[float, float]:
+    """p50 and p99 of one invoke (set input, invoke, get output) of one preprocessed uint8 image, in us."""
+    quantized = runtime.input.quantize((image.astype(np.float32) / 255.0).reshape(runtime.input.shape))
+    for _ in range(warmup):
+        runtime.invoke(quantized)
+    times = np.empty(repeats)
+    clock = time.perf_counter_ns
+    for i in range(repeats):
+        start = clock()
+        runtime.invoke(quantized)
+        times[i] = clock() - start
+    p50, p99 = np.percentile(times, [50, 99]) / 1000.0
+    return float(p50), float(p99)
+
+
+class Evaluation(BaseModel):
+    """What `edge-agent model eval` prints (as JSON)."""
+
+    model: str
+    version: str
+    backend: str
+    num_threads: int
+    test_images: int
+    test_accuracy: float
+    recorded_int8_accuracy: float
+    golden_images: int
+    golden_accuracy: float
+    min_golden_accuracy: float
+    invoke_p50_us: float
+    invoke_p99_us: float
+
+
+def evaluate(model: LoadedModel, mnist_path: Path = MNIST_PATH, repeats: int = 3000) -> Evaluation:
+    """Evaluate a LoadedModel (agent.model) on the MNIST test set, its golden set, and for latency."""
+    mnist = load_mnist(mnist_path)
+    manifest = model.manifest
+    p50, p99 = invoke_latency_us(model.runtime, mnist["x_test"][0], repeats=repeats)
+    return Evaluation(
+        model=manifest.name,
+        version=manifest.version,
+        backend=model.runtime.backend,
+        num_threads=model.num_threads,
+        test_images=len(mnist["y_test"]),
+        test_accuracy=accuracy(model.classify, mnist["x_test"], mnist["y_test"]),
+        recorded_int8_accuracy=manifest.metrics.int8_accuracy,
+        golden_images=len(model.bundle.golden_y),
+        golden_accuracy=model.golden_accuracy(),
+        min_golden_accuracy=manifest.min_golden_accuracy,
+        invoke_p50_us=p50,
+        invoke_p99_us=p99,
+    )
