@@ -113,7 +113,7 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 
     bundle = open_bundle(args.bundle, trusted_keys=args.trusted_key, require_signature=not args.allow_unsigned, max_bytes=args.max_bytes)
     manifest = bundle.manifest
-    print(json.dumps({"ok": True, "name": manifest.name, "version": manifest.version, "signed_by": bundle.key_id}))
+    print(json.dumps({"ok": True, "name": manifest.name, "version": manifest.version, "signed_by": bundle.signer}))
     return 0
 
 

@@ -133,7 +133,7 @@ class Pipeline:
             return None
         result = InferenceResult(
             **self.sequence.envelope(),
-            source=self.source.name,
+            source=frame.source,
             frame=frame.index,
             captured_at=frame.captured_at,
             model=active.ref,

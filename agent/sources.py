@@ -31,6 +31,7 @@ class Frame:
     image: np.ndarray
     index: int
     captured_at: datetime
+    source: str  # the device, URL or file this frame came from
 
 
 @dataclass
@@ -55,10 +56,10 @@ class FrameSource(ABC):
     def close(self) -> None:
         """Release the device or file; a blocked `read()` returns None."""
 
-    def _frame(self, image: np.ndarray, index: int) -> Frame:
+    def _frame(self, image: np.ndarray, index: int, source: str | None = None) -> Frame:
         self.stats.read += 1
         self.stats.last_frame_monotonic = time.monotonic()
-        return Frame(image=image, index=index, captured_at=datetime.now(timezone.utc))
+        return Frame(image=image, index=index, captured_at=datetime.now(timezone.utc), source=source or self.name)
 
 
 class Pacer:
@@ -127,18 +128,34 @@ class VideoFileSource(FrameSource):
             self._capture = None
 
 
-class ImageFolderSource(FrameSource):
-    """Every image in a folder, in name order; an unreadable image is skipped and counted."""
+class ImageFilesSource(FrameSource):
+    """A list of image files in order (a folder's images, or the files given to `edge-agent infer`).
 
-    def __init__(self, folder: Path, loop: bool = False, pace_fps: float | None = None):
-        super().__init__(str(folder))
-        self._files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self._files:
-            raise SourceError(f"source {folder}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point it at a folder of images")
+    An image that does not decode is skipped and counted, like a corrupt video frame.
+    """
+
+    def __init__(self, name: str, files: list[Path], loop: bool = False, pace_fps: float | None = None):
+        super().__init__(name)
+        self._files = files
         self._loop = loop
         self._pacer = Pacer(pace_fps)
         self._position = 0
         self._closed = False
+        self.unreadable: list[Path] = []
+
+    @classmethod
+    def from_folder(cls, folder: Path, loop: bool = False, pace_fps: float | None = None) -> "ImageFilesSource":
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SourceError(f"source {folder}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point it at a folder of images")
+        return cls(str(folder), files, loop, pace_fps)
+
+    @classmethod
+    def from_files(cls, files: list[Path]) -> "ImageFilesSource":
+        for path in files:
+            if not path.is_file():
+                raise SourceError(f"image {path}: no such file; pass existing image files")
+        return cls("images", files)
 
     def read(self) -> Frame | None:
         while not self._closed:
@@ -151,9 +168,10 @@ class ImageFolderSource(FrameSource):
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 self.stats.corrupt += 1
+                self.unreadable.append(path)
                 continue
             self._pacer.wait()
-            return self._frame(image, self._position - 1)
+            return self._frame(image, self._position - 1, str(path))
         return None
 
     def close(self) -> None:
@@ -239,5 +257,5 @@ def open_source(settings: SourceSettings) -> FrameSource:
         return LiveSource(spec, _stream_opener(spec, settings), settings)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ImageFolderSource(path, loop=settings.loop, pace_fps=settings.pace_fps)
+        return ImageFilesSource.from_folder(path, loop=settings.loop, pace_fps=settings.pace_fps)
     return VideoFileSource(path, loop=settings.loop, pace_fps=settings.pace_fps)

@@ -1,0 +1,26 @@
+"""`edge-agent infer IMAGE...`: the serving pipeline run once over still images, one result per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from agent.app import load_configured_model
+from agent.config import Settings
+from agent.errors import SourceError
+from agent.messages import InferenceResult, SequenceCounter
+from agent.pipeline import ModelSlot, Pipeline
+from agent.sources import ImageFilesSource
+from agent.transport.console import ConsoleTransport
+
+
+def infer_images(settings: Settings, images: list[Path]) -> Iterator[InferenceResult]:
+    """Yield a result for every image (even one with no digit); then fail naming any that did not decode."""
+    source = ImageFilesSource.from_files(images)
+    slot = ModelSlot(load_configured_model(settings), settings.vision)
+    pipeline = Pipeline(source, slot, ConsoleTransport(), SequenceCounter(settings.thing_name), score_threshold=settings.model.score_threshold, publish_empty=True)
+    while (frame := source.read()) is not None:
+        yield pipeline.process(frame)
+    if source.unreadable:
+        names = ", ".join(str(p) for p in source.unreadable)
+        raise SourceError(f"image {names}: OpenCV cannot decode it; pass PNG, JPEG, BMP, TIFF or WebP files")
