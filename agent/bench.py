@@ -19,6 +19,7 @@ import numpy as np
 
 from agent.app import load_configured_model
 from agent.config import Settings
+from agent.evaluate import invoke_latency_us
 from agent.messages import SequenceCounter
 from agent.pipeline import ModelSlot, Pipeline
 from agent.sources import open_source
@@ -32,18 +33,11 @@ def _percentiles(samples: list[float], scale: float) -> dict[str, float]:
     return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3), "n": len(values)}
 
 
-def bench_invoke(settings: Settings, repeats: int = 5000) -> dict:
+def bench_invoke(settings: Settings) -> dict:
+    """One invoke of a golden-set image through the configured backend and threads."""
     model = load_configured_model(settings)
-    runtime = model.runtime
-    quantized = runtime.input.quantize(np.zeros(runtime.input.shape, np.float32))
-    for _ in range(200):  # warm caches and XNNPACK packing
-        runtime.invoke(quantized)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runtime.invoke(quantized)
-        samples.append(time.perf_counter() - start)
-    return {"backend": runtime.backend, "threads": settings.model.num_threads, **_percentiles(samples, 1e6), "unit": "us"}
+    p50, p99 = invoke_latency_us(model.runtime, model.bundle.golden_x[0], repeats=5000)
+    return {"backend": model.runtime.backend, "threads": settings.model.num_threads, "p50": round(p50, 1), "p99": round(p99, 1), "unit": "us"}
 
 
 def bench_frame(settings: Settings, max_frames: int = 300, rounds: int = 3) -> dict:

@@ -64,7 +64,7 @@ class ModelSlot:
         manifest = model.bundle.manifest
         return ActiveModel(
             model=model,
-            preprocessor=preprocessor_for(manifest.input.preprocessing, self._vision_settings),
+            preprocessor=preprocessor_for(manifest.input.preprocessing, model.runtime.input.shape, self._vision_settings),
             ref=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files["model.tflite"]),
         )
 

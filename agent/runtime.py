@@ -8,6 +8,8 @@ inputs with the model's own scale/zero point and dequantizes the scores, so call
 from __future__ import annotations
 
 import importlib
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,6 +48,21 @@ class TensorSpec:
         if self.dtype == "float32":
             return values.astype(np.float32, copy=False)
         return (values.astype(np.float32) - self.zero_point) * self.scale
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """The TFLite C++ core prints 'INFO: Created ... XNNPACK delegate' on stderr at load. Errors are ours to
+    report (one line), so its stderr is pointed at /dev/null for the few milliseconds of construction."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _spec(detail: dict) -> TensorSpec:
@@ -88,8 +105,9 @@ class Runtime:
         self.backend, interpreter_class = _interpreter_class(backend)
         self.model_path = Path(model_path)
         try:
-            self._interpreter = interpreter_class(model_path=str(self.model_path), num_threads=num_threads)
-            self._interpreter.allocate_tensors()
+            with _native_stderr_silenced():
+                self._interpreter = interpreter_class(model_path=str(self.model_path), num_threads=num_threads)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{self.model_path}: not a loadable TFLite model ({first_line}); re-export or re-download it") from None

@@ -63,19 +63,24 @@ class FrameSource(ABC):
 
 
 class Pacer:
-    """Holds a file source to a camera's rate (`pace_fps`); a no-op when unset."""
+    """Holds a file source to a camera's rate (`pace_fps`); a no-op when unset.
 
-    def __init__(self, fps: float | None):
+    Ticks are scheduled on a fixed grid, so a slow frame is caught up rather than shifting every later one.
+    """
+
+    def __init__(self, fps: float | None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self._period = 1.0 / fps if fps else 0.0
-        self._next = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self._next = clock()
 
     def wait(self) -> None:
         if not self._period:
             return
-        delay = self._next - time.monotonic()
+        delay = self._next - self._clock()
         if delay > 0:
-            time.sleep(delay)
-        self._next = max(self._next + self._period, time.monotonic() - self._period)
+            self._sleep(delay)
+        self._next = max(self._next + self._period, self._clock() - self._period)
 
 
 class VideoFileSource(FrameSource):
@@ -113,7 +118,8 @@ class VideoFileSource(FrameSource):
                 bad_in_a_row += 1
                 self.stats.corrupt += 1
                 self._index += 1
-                self._capture.set(cv2.CAP_PROP_POS_FRAMES, position + 1)
+                if int(self._capture.get(cv2.CAP_PROP_POS_FRAMES)) <= position:
+                    self._capture.set(cv2.CAP_PROP_POS_FRAMES, position + 1)
                 continue
             if not self._loop or self._index == 0:
                 self.close()

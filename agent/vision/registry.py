@@ -10,7 +10,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from agent.errors import ModelError
-from agent.vision.digits import DigitFinder, DigitFinderSettings
+from agent.vision.digits import MNIST_SIZE, DigitFinder, DigitFinderSettings
 
 
 class Found(Protocol):
@@ -26,14 +26,19 @@ class Preprocessor(Protocol):
     def find(self, frame: np.ndarray) -> Found: ...
 
 
-PREPROCESSORS: dict[str, Callable[[DigitFinderSettings], Preprocessor]] = {
-    "mnist-digits": DigitFinder,
+# preprocessing id -> (factory, the input tensor shape it produces, batch of one).
+PREPROCESSORS: dict[str, tuple[Callable[[DigitFinderSettings], Preprocessor], tuple[int, ...]]] = {
+    "mnist-digits": (DigitFinder, (1, MNIST_SIZE, MNIST_SIZE, 1)),
 }
 
 
-def preprocessor_for(preprocessing_id: str, settings: DigitFinderSettings) -> Preprocessor:
+def preprocessor_for(preprocessing_id: str, input_shape: tuple[int, ...], settings: DigitFinderSettings) -> Preprocessor:
+    """The preprocessor a model asks for, once its input tensor is shown to be the image that preprocessor makes."""
     try:
-        factory = PREPROCESSORS[preprocessing_id]
+        factory, produces = PREPROCESSORS[preprocessing_id]
     except KeyError:
         raise ModelError(f"model asks for preprocessing {preprocessing_id!r}, which this agent does not know ({', '.join(PREPROCESSORS)})") from None
+    if tuple(input_shape) != produces:
+        kind = "an image" if len(input_shape) == 4 else "not an image (NHWC)"
+        raise ModelError(f"model input is {list(input_shape)}, {kind}, but {preprocessing_id} preprocessing makes {list(produces)}; use a model built for it")
     return factory(settings)

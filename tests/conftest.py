@@ -1,0 +1,45 @@
+"""Shared fixtures: where the shipped model and sample video are, and running the real CLI as a process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_BUNDLE = REPO / "models" / "mnist" / "bundle"
+SAMPLE_VIDEO = REPO / "models" / "mnist" / "sample" / "sample.avi"
+SAMPLE_TRUTH = REPO / "models" / "mnist" / "sample" / "truth.json"
+MNIST = REPO / "models" / "mnist" / "data" / "mnist.npz"
+
+
+def agent_env(**extra: str) -> dict[str, str]:
+    """The environment for an agent process: ours, minus any EDGE_AGENT_* a developer has set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120, program: str = "agent") -> subprocess.CompletedProcess:
+    """`python -m agent ARGS` as a real process (the console script is a thin wrapper around it)."""
+    return subprocess.run(
+        [sys.executable, "-m", program, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or agent_env(),
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle() -> Path:
+    return SHIPPED_BUNDLE
+
+
+@pytest.fixture(scope="session")
+def sample_video() -> Path:
+    return SAMPLE_VIDEO

@@ -1,0 +1,145 @@
+"""Every bad input through the real CLI: one line on stderr naming what and how to fix, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.fleet.packing import pack
+from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE, agent_env, run_cli
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def unsigned_copy(tmp_path: Path, model_bytes: bytes) -> Path:
+    """The shipped bundle with another model file, re-hashed (so only the model itself is wrong)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_BUNDLE, bundle)
+    (bundle / "manifest.sig").unlink()
+    (bundle / "model.tflite").write_bytes(model_bytes)
+    pack(bundle)
+    return bundle
+
+
+def test_missing_model(tmp_path):
+    assert_one_line_error(run_cli("run", "--model", tmp_path / "nope", "--max-frames", "1"), str(tmp_path / "nope"))
+
+
+def test_truncated_model(tmp_path):
+    bundle = unsigned_copy(tmp_path, (SHIPPED_BUNDLE / "model.tflite").read_bytes()[:5000])
+    assert_one_line_error(run_cli("run", "--model", bundle, "--allow-unsigned", "--max-frames", "1"), "model")
+
+
+def test_model_that_is_not_tflite(tmp_path):
+    bundle = unsigned_copy(tmp_path, b"this is not a flatbuffer" * 100)
+    assert_one_line_error(run_cli("run", "--model", bundle, "--allow-unsigned", "--max-frames", "1"), "model")
+
+
+def test_unsigned_model_refused_by_default(tmp_path):
+    bundle = unsigned_copy(tmp_path, (SHIPPED_BUNDLE / "model.tflite").read_bytes())
+    assert_one_line_error(run_cli("run", "--model", bundle, "--max-frames", "1"), "sign")
+
+
+def test_missing_video(tmp_path):
+    assert_one_line_error(run_cli("run", "--source", tmp_path / "none.avi"), "none.avi", "no such video file")
+
+
+def test_unreadable_video(tmp_path):
+    video = tmp_path / "garbage.avi"
+    video.write_bytes(b"\x00\x01garbage" * 1000)
+    assert_one_line_error(run_cli("run", "--source", video), "garbage.avi", "cannot decode")
+
+
+def test_empty_folder(tmp_path):
+    assert_one_line_error(run_cli("run", "--source", tmp_path), "folder has no images")
+
+
+@pytest.mark.parametrize("spec, needle", [("camera:front", "camera:N"), ("camera:57", "cannot open")])
+def test_bad_camera(spec, needle):
+    assert_one_line_error(run_cli("run", "--source", spec, "--max-frames", "1"), spec, needle)
+
+
+def test_setting_of_wrong_type_from_flag():
+    assert_one_line_error(run_cli("run", "--max-frames", "ten"), "max_frames", "'ten'")
+
+
+def test_setting_of_wrong_type_from_environment():
+    assert_one_line_error(run_cli("run", "--max-frames", "1", env=agent_env(EDGE_AGENT_MQTT__PORT="eighty")), "mqtt.port")
+
+
+def test_unknown_flag_is_one_line():
+    assert_one_line_error(run_cli("run", "--frobnicate"), "--frobnicate")
+
+
+def test_bad_settings_file(tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text("source:\n  spek: camera:0\n")
+    assert_one_line_error(run_cli("run", "--config", config), "source.spek", "unknown setting")
+
+
+def test_infer_missing_and_undecodable_images(tmp_path):
+    assert_one_line_error(run_cli("infer", tmp_path / "nope.png"), "nope.png")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    assert_one_line_error(run_cli("infer", not_image), "notes.png", "cannot decode")
+
+
+def test_infer_prints_one_result_per_image(tmp_path):
+    import cv2
+
+    capture = cv2.VideoCapture(str(SAMPLE_VIDEO))
+    paths = []
+    for i in range(3):
+        ok, frame = capture.read()
+        assert ok
+        paths.append(tmp_path / f"frame{i}.png")
+        cv2.imwrite(str(paths[-1]), frame)
+    result = run_cli("infer", *paths)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["source"] for line in lines] == [str(p) for p in paths]
+    assert all(line["kind"] == "inference" for line in lines)
+
+
+def test_run_prints_json_results_for_the_sample_video():
+    result = run_cli("run", "--max-frames", "30")
+    assert result.returncode == 0, result.stderr
+    results = [json.loads(line) for line in result.stdout.splitlines()]
+    assert results and all(r["kind"] == "inference" and r["predictions"] for r in results)
+    sequences = [r["sequence"] for r in results]
+    assert sequences == sorted(set(sequences))
+    assert len({r["message_id"] for r in results}) == len(results)
+
+
+def test_package_runs_without_the_repo_layout_only_when_given_a_model(tmp_path):
+    """Outside a checkout there is no shipped default: the error says to pass --model."""
+    result = run_cli("run", "--model", REPO / "missing-bundle", "--max-frames", "1")
+    assert_one_line_error(result, "missing-bundle")
+
+
+def test_model_whose_input_is_not_an_image(tmp_path):
+    """A real, valid TFLite model with a vector input, honestly described by its manifest: still refused."""
+    from agent.bundle import read_manifest
+    from agent.fleet.packing import write_manifest
+    from agent.runtime import Runtime
+
+    bundle = unsigned_copy(tmp_path, (REPO / "tests" / "data" / "not-an-image.tflite").read_bytes())
+    runtime = Runtime(bundle / "model.tflite")
+    raw, _ = read_manifest(bundle, str(bundle))
+    for name, spec in (("input", runtime.input), ("output", runtime.output)):
+        raw[name].update(shape=list(spec.shape), dtype=spec.dtype, scale=spec.scale, zero_point=spec.zero_point)
+    raw.pop("files")
+    np.savez(bundle / "golden.npz", x=np.zeros((4, 10), np.uint8), y=np.zeros(4, np.uint8))
+    write_manifest(bundle, raw)
+    assert_one_line_error(run_cli("run", "--model", bundle, "--allow-unsigned", "--max-frames", "1"), "not an image")
