@@ -9,9 +9,12 @@ from typing import Iterator
 
 from agent.config import Settings
 from agent.messages import SequenceCounter
+from agent.liveview import LiveViewServer
 from agent.model import LoadedModel, load_model
+from agent.observability import Health, Metrics
 from agent.pipeline import ModelSlot, Pipeline, PipelineStats
 from agent.sources import open_source
+from agent.watchdog import supervise
 from agent.topics import Topics
 from agent.transport.base import Transport
 
@@ -69,6 +72,24 @@ def stop_on_signals(pipeline: Pipeline) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+@contextmanager
+def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
+    """Health, the watchdog and, if enabled, the live view server (/metrics, /healthz) around a running pipeline."""
+    health = Health(pipeline, settings.watchdog.stale_after_s)
+    metrics = Metrics(pipeline, settings.transport, health)
+    server = LiveViewServer(pipeline, settings.liveview, metrics, health).start() if settings.liveview.enabled else None
+    if server is not None:
+        pipeline.observers += [metrics, server.view]
+    watchdog = supervise(pipeline, settings.watchdog, health, metrics, lambda: open_source(settings.source)) if settings.watchdog.enabled else None
+    try:
+        yield health
+    finally:
+        if server is not None:
+            server.close()
+        if watchdog is not None:
+            watchdog.close()
+
+
 def run_agent(settings: Settings) -> PipelineStats:
     """The `edge-agent run` command: serve until the source ends, max_frames, or a stop signal."""
     sequence = SequenceCounter(settings.thing_name)
@@ -76,7 +97,7 @@ def run_agent(settings: Settings) -> PipelineStats:
     pipeline = build_pipeline(settings, transport, sequence)
     transport.start(pipeline.status("online"))
     try:
-        with stop_on_signals(pipeline):
+        with stop_on_signals(pipeline), observed(pipeline, settings):
             return pipeline.run(settings.max_frames)
     finally:
         pipeline.source.close()

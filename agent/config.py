@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import EnvSettingsSource
 
 from agent.errors import ConfigError
+from agent.liveview import LiveViewSettings
+from agent.observability import WatchdogSettings
 from agent.vision.digits import DigitFinderSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +95,8 @@ class Settings(Section):
     topics: TopicSettings = TopicSettings()
     mqtt: MqttSettings = MqttSettings()
     outbox: OutboxSettings = OutboxSettings()
+    liveview: LiveViewSettings = LiveViewSettings()
+    watchdog: WatchdogSettings = WatchdogSettings()
 
 
 def environment_values() -> dict[str, Any]:

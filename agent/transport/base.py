@@ -22,6 +22,7 @@ class TransportStats:
     queued: int = 0
     dropped: int = 0
     reconnects: int = 0
+    oldest_age_s: float | None = None  # age of the oldest message still queued; None when nothing is
 
 
 class Transport(ABC):

@@ -1,0 +1,160 @@
+"""Restarts a stage that is stuck, counts it, and reports ERRORED when restarting does not help.
+
+Two stages can get stuck: the source (a camera driver or a stream that blocks without ever failing, so
+the live source's own reconnect never starts) and inference (one frame that never finishes). The
+watchdog tells them apart by two times: when the pipeline last took a frame from the source, and when
+it last finished one. A stage stuck past its limit is restarted once per limit; `max_restarts` restarts
+in a row without frames coming back mark the agent ERRORED (`Health.fault` and the `on_errored` hook,
+which the Greengrass component turns into UpdateState ERRORED). Frames flowing again clear it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from agent.errors import AgentError
+from agent.model import LoadedModel
+from agent.observability import Health, Metrics, WatchdogSettings
+from agent.pipeline import ModelSlot, Pipeline
+from agent.runtime import Runtime
+from agent.sources import Frame, FrameSource, LiveSource
+
+log = logging.getLogger(__name__)
+
+
+class RestartableSource(FrameSource):
+    """A live source the watchdog can replace while the pipeline is blocked reading it.
+
+    The replacement counts into the same stats, so counters never go backwards.
+    """
+
+    def __init__(self, source: FrameSource, reopen: Callable[[], FrameSource]):
+        super().__init__(source.name)
+        self.stats = source.stats
+        self._source = source
+        self._reopen = reopen
+        self._closed = False
+
+    def read(self) -> Frame | None:
+        while True:
+            source = self._source
+            frame = source.read()
+            if frame is not None or self._closed or source is self._source:
+                return frame
+            # The watchdog replaced the source this read was blocked on: read from the new one.
+
+    def restart(self) -> None:
+        """Open a fresh source (SourceError if it cannot be opened) and close the stuck one."""
+        fresh = self._reopen()
+        fresh.stats = self.stats
+        stuck, self._source = self._source, fresh
+        stuck.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._source.close()
+
+
+def fresh_interpreter(slot: ModelSlot) -> None:
+    """Put a new interpreter for the model in use into the slot: the next frame runs on it."""
+    model = slot.active.model
+    runtime = Runtime(model.bundle.model_path, backend=model.runtime.backend, num_threads=model.num_threads)
+    slot.swap(LoadedModel(bundle=model.bundle, runtime=runtime, num_threads=model.num_threads))
+
+
+class Watchdog:
+    """A FrameObserver (it notes when each frame finished) plus a thread that looks every few seconds."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        settings: WatchdogSettings,
+        health: Health,
+        metrics: Metrics,
+        restart: dict[str, Callable[[], None]],
+        on_errored: Callable[[str], None] | None = None,
+    ):
+        self._pipeline = pipeline
+        self._settings = settings
+        self._health = health
+        self._metrics = metrics
+        self._restart = restart
+        self._on_errored = on_errored
+        self._finished: float = time.monotonic()  # when the last frame finished (start counts as one)
+        self._last_restart: float = 0.0
+        self._restarts_in_a_row = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on_frame(self, frame: Frame, result, latency_ms: float) -> None:
+        self._finished = time.monotonic()
+
+    def stalled(self) -> tuple[str, float]:
+        """Which stage the pipeline is waiting on, and for how many seconds it has been."""
+        now = time.monotonic()
+        taken = self._pipeline.source.stats.last_frame_monotonic or 0.0
+        if taken > self._finished:
+            return "inference", now - max(taken, self._last_restart)
+        return "source", now - max(self._finished, self._last_restart)
+
+    def check(self) -> None:
+        """One look: restart a stage stuck past its limit; clear ERRORED once frames flow again."""
+        stage, seconds = self.stalled()
+        limit = self._settings.inference_stall_s if stage == "inference" else self._settings.source_stall_s
+        if seconds <= limit:
+            if self._finished > self._last_restart:
+                self._restarts_in_a_row = 0
+                self._health.fault = None
+            return
+        self._last_restart = time.monotonic()
+        self._restarts_in_a_row += 1
+        self._metrics.watchdog_restarts.labels(stage).inc()
+        problem = f"{stage} stuck for {seconds:.0f} s"
+        try:
+            self._restart[stage]()
+            log.warning("watchdog: %s; restarted it (%d in a row)", problem, self._restarts_in_a_row)
+        except AgentError as error:
+            problem = f"{problem}; restart failed: {error}"
+            log.warning("watchdog: %s", problem)
+        if self._restarts_in_a_row >= self._settings.max_restarts and self._health.fault is None:
+            self._health.fault = f"{problem} ({self._restarts_in_a_row} restarts did not help)"
+            if self._on_errored is not None:
+                self._on_errored(self._health.fault)
+
+    def start(self) -> Watchdog:
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._settings.check_interval_s):
+            self.check()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def supervise(
+    pipeline: Pipeline,
+    settings: WatchdogSettings,
+    health: Health,
+    metrics: Metrics,
+    reopen_source: Callable[[], FrameSource],
+    on_errored: Callable[[str], None] | None = None,
+) -> Watchdog:
+    """Watch `pipeline` (a live source becomes restartable) and start watching; close() the result to stop."""
+    if isinstance(pipeline.source, LiveSource):
+        pipeline.source = RestartableSource(pipeline.source, reopen_source)
+    restart = {"inference": lambda: fresh_interpreter(pipeline.slot)}
+    if isinstance(pipeline.source, RestartableSource):
+        restart["source"] = pipeline.source.restart
+    else:
+        restart["source"] = lambda: None  # a file source does not hang; the stall is still counted and reported
+    watchdog = Watchdog(pipeline, settings, health, metrics, restart, on_errored)
+    pipeline.observers.append(watchdog)
+    return watchdog.start()

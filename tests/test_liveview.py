@@ -1,0 +1,146 @@
+"""The live view as an operator sees it: a real headless Chromium opens the page of a real agent running
+the sample video on the shipped model, and the picture it shows is checked pixel by pixel."""
+
+from __future__ import annotations
+
+import io
+import threading
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+from agent_process import get, metrics, running_agent, wait_for
+from conftest import SAMPLE_VIDEO
+
+from agent.app import build_pipeline
+from agent.config import Settings
+from agent.liveview import annotate
+from agent.messages import SequenceCounter
+from agent.transport.console import ConsoleTransport
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+HEADER_ROWS = 30  # the model/fps/latency strip along the top of the frame
+
+
+@pytest.fixture(scope="module")
+def sample():
+    """Every frame of the sample video and the shipped model's result on it, computed here, in-process."""
+    pipeline = build_pipeline(Settings(source={"spec": str(SAMPLE_VIDEO)}, publish_empty=True), ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("test"))
+    frames = []
+    while (frame := pipeline.source.read()) is not None:
+        frames.append(frame)
+    return frames, [pipeline.process(frame) for frame in frames]
+
+
+def green(image: np.ndarray) -> np.ndarray:
+    """Where a BGR image is the annotation's green (JPEG-blurred), not paper, ink or board."""
+    b, g, r = (image[..., i].astype(int) for i in range(3))
+    return (g > 140) & (g - r > 60) & (g - b > 60)
+
+
+def outline(box) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of a box's four edges."""
+    xs = np.arange(box.x, box.x + box.w)
+    ys = np.arange(box.y, box.y + box.h)
+    rows = np.concatenate([np.full(len(xs), box.y), np.full(len(xs), box.y + box.h - 1), ys, ys])
+    cols = np.concatenate([xs, xs, np.full(len(ys), box.x), np.full(len(ys), box.x + box.w - 1)])
+    return rows, cols
+
+
+def assert_annotated(shown: np.ndarray, original: np.ndarray, result) -> None:
+    """Each predicted box is drawn in green with a green label strip above it; the original has neither."""
+    assert result.predictions, "the chosen frame should have digits on it"
+    for prediction in result.predictions:
+        rows, cols = outline(prediction.box)
+        assert green(shown[rows, cols]).mean() > 0.6, f"box of {prediction.label} at {prediction.box} not drawn"
+        assert green(original[rows, cols]).mean() < 0.05
+        if prediction.box.y >= HEADER_ROWS:
+            strip = np.s_[prediction.box.y - 12 : prediction.box.y - 4, prediction.box.x : prediction.box.x + 8]
+            assert green(shown[strip]).mean() > 0.5, f"label of {prediction.label} at {prediction.box} not drawn"
+            assert green(original[strip]).mean() < 0.05
+
+
+def best_match(shown: np.ndarray, frames) -> int:
+    """The sample frame the picture shows: the one closest to it below the header strip."""
+    below = shown[HEADER_ROWS:].astype(np.int16)
+    differences = [np.abs(below - frame.image[HEADER_ROWS:].astype(np.int16)).mean() for frame in frames]
+    index = int(np.argmin(differences))
+    assert differences[index] < 6, f"the picture matches no sample frame (closest differs by {differences[index]:.1f} grey levels)"
+    return index
+
+
+def test_annotate_draws_boxes_labels_and_header(sample):
+    frames, results = sample
+    index = next(i for i, r in enumerate(results) if len(r.predictions) >= 2)
+    frame, result = frames[index], results[index]
+    drawn = annotate(frame.image, result, result.model, fps=15.0, latency_ms=2.5)
+    assert drawn.shape == frame.image.shape
+    assert not np.shares_memory(drawn, frame.image), "the pipeline's frame must not be drawn on"
+    assert_annotated(drawn, frame.image, result)
+    header = np.abs(drawn[:HEADER_ROWS].astype(int) - frame.image[:HEADER_ROWS]).sum(axis=2) > 60
+    assert header.mean() > 0.05, "model, fps and latency header not drawn"
+
+
+def test_browser_sees_the_annotated_stream(sample, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    frames, results = sample
+    with running_agent("--source", SAMPLE_VIDEO, "--loop", "--pace-fps", "15") as url:
+        wait_for(lambda: get(url + "healthz")[0] == 200, "the agent to become healthy")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 900, "height": 1000})
+                page.goto(url, wait_until="domcontentloaded")  # the stream never finishes loading
+                page.wait_for_function("() => document.getElementById('stream').naturalWidth > 0")
+                page.wait_for_function("() => document.getElementById('model').textContent !== '?'")
+                size = page.evaluate("() => { const i = document.getElementById('stream'); const r = i.getBoundingClientRect();"
+                                     " return [i.naturalWidth, i.naturalHeight, r.width, r.height, r.x, r.y]; }")
+                # The image as the browser painted it (the page's pixels; images snap to whole pixels).
+                clip = {"x": round(size[4]), "y": round(size[5]), "width": size[2], "height": size[3]}
+                png = page.screenshot(path=str(tmp_path / "stream.png"), clip=clip)
+                model_text = page.text_content("#model")
+                page.wait_for_function("() => document.querySelectorAll('#predictions tr').length > 0")
+            finally:
+                browser.close()
+    height, width = frames[0].image.shape[:2]
+    assert size[:4] == [width, height, width, height]
+    assert model_text == f"{results[0].model.name} {results[0].model.version}"
+    shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert shown.shape == frames[0].image.shape
+    index = best_match(shown, frames)
+    assert_annotated(shown, frames[index].image, results[index])
+
+
+def test_encodes_only_for_a_viewer(sample):
+    with running_agent("--source", SAMPLE_VIDEO, "--loop", "--pace-fps", "15") as url:
+        wait_for(lambda: metrics(url)["edge_agent_frames_processed_total"] >= 30, "frames to flow")
+        unwatched = metrics(url)
+        assert unwatched["edge_agent_liveview_viewers"] == 0
+        assert unwatched["edge_agent_liveview_frames_encoded_total"] == 0, "encoded with nobody watching"
+
+        parts = []
+        stream = urllib.request.urlopen(url + "stream.mjpg", timeout=10)
+        reader = threading.Thread(target=lambda: [parts.append(stream.read(4096)) for _ in range(200)], daemon=True)
+        reader.start()
+        watched = wait_for(lambda: (m := metrics(url))["edge_agent_liveview_frames_encoded_total"] >= 10 and m, "frames to be encoded for the viewer")
+        assert watched["edge_agent_liveview_viewers"] == 1
+        assert watched["edge_agent_liveview_frames_encoded_total"] <= watched["edge_agent_frames_processed_total"] - unwatched["edge_agent_frames_processed_total"] + 1
+        stream.close()
+        wait_for(lambda: metrics(url)["edge_agent_liveview_viewers"] == 0, "the server to notice the viewer left")
+    body = b"".join(parts)
+    assert body.startswith(b"--frame\r\nContent-Type: image/jpeg")
+    first = body[body.index(b"\xff\xd8") : body.index(b"\xff\xd9") + 2]
+    assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == sample[0][0].image.shape
+
+
+def test_page_results_and_unknown_paths(sample):
+    with running_agent("--source", SAMPLE_VIDEO, "--loop", "--pace-fps", "15") as url:
+        status, page = get(url)
+        assert status == 200 and b'<img id="stream" src="/stream.mjpg"' in page
+        summary = wait_for(lambda: (s := __import__("json").loads(get(url + "results.json")[1]))["result"] and s, "a result")
+        assert summary["model"]["version"] == sample[1][0].model.version
+        assert summary["result"]["predictions"][0]["box"]["w"] > 0
+        assert get(url + "nothing-here")[0] == 404
