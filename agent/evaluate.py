@@ -95,3 +95,19 @@ def evaluate(model: LoadedModel, mnist_path: Path = MNIST_PATH, repeats: int = 3
         invoke_p50_us=p50,
         invoke_p99_us=p99,
     )
+
+
+def evaluate_bundle(
+    bundle_path: Path,
+    *,
+    trusted_keys,
+    require_signature: bool = True,
+    backend: str = "auto",
+    num_threads: int = 1,
+    mnist_path: Path = MNIST_PATH,
+) -> dict:
+    """`edge-agent model eval`: load a bundle the way the agent does, then evaluate it (JSON-ready dict)."""
+    from agent.model import load_model  # agent.model uses `accuracy` from here, so import on use
+
+    model = load_model(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature, backend=backend, num_threads=num_threads)
+    return evaluate(model, mnist_path).model_dump()
