@@ -70,7 +70,10 @@ class MqttSettings(Section):
     ca: Path = Field(AMAZON_ROOT_CA, description="CA that signed the endpoint's certificate")
     keep_alive_s: int = Field(60, ge=5, le=1200)
     flow_control: Literal["iot-core", "none"] = Field("iot-core", description="iot-core caps publishing at IoT Core's per-connection quotas")
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="how long start-up waits for the first connection attempt before carrying on offline")
+    min_reconnect_delay_s: float = Field(1.0, gt=0, description="first wait before reconnecting (the SDK backs off exponentially, with full jitter)")
+    max_reconnect_delay_s: float = Field(120.0, gt=0, description="longest wait between reconnect attempts")
+    ack_timeout_s: int = Field(60, ge=1, description="a publish not acknowledged this long after sending is retried by the outbox")
 
 
 class OutboxSettings(Section):
@@ -79,6 +82,11 @@ class OutboxSettings(Section):
     max_age_s: float = Field(7 * 24 * 3600, gt=0, description="results older than this are dropped (and counted)")
     max_publishes_per_s: float = Field(100.0, gt=0, description="IoT Core allows 100 publishes/s per connection")
     max_bytes_per_s: float = Field(512 * 1024, gt=0, description="IoT Core allows 512 KiB/s per connection")
+    synchronous: Literal["normal", "full"] = Field("normal", description="normal: a power cut can lose the last sync_interval_s of results; full: fsync every result")
+    sync_interval_s: float = Field(1.0, gt=0, description="with synchronous=normal, how often accepted results are fsynced")
+    max_in_flight: int = Field(1000, ge=1, description="results sent but not yet acknowledged, at most")
+    retry_initial_s: float = Field(0.5, gt=0, description="first wait before resending after a failed publish (doubles up to retry_max_s)")
+    retry_max_s: float = Field(30.0, gt=0, description="longest wait before resending after failed publishes")
 
 
 class Settings(Section):

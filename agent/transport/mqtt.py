@@ -1,0 +1,236 @@
+"""MQTT5 over mutual TLS to AWS IoT Core, on awsiotsdk's own builder: the `Link` the outbox drives.
+
+The SDK does the connection work (TLS, reconnect with exponential backoff and jitter, IoT Core's flow
+control); this module adds only what the agent needs on top: a retained online status on every connect
+and an offline last will, PUBACK reason codes turned into "done", "refused for good" or "try again",
+re-subscription after a reconnect, and start-up errors as one line naming the setting to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from awscrt import exceptions, mqtt5
+from awsiot import mqtt5_client_builder
+
+from agent.config import MqttSettings, Settings
+from agent.errors import TransportError
+from agent.messages import StatusMessage, new_message_id, utc_now
+from agent.topics import Topics
+from agent.transport.base import PublishRejected
+from agent.transport.outbox import open_outbox
+from agent.transport.spooled import SpooledTransport
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+ACCEPTED = {mqtt5.PubackReasonCode.SUCCESS, mqtt5.PubackReasonCode.NO_MATCHING_SUBSCRIBERS}
+WORTH_RETRYING = {mqtt5.PubackReasonCode.QUOTA_EXCEEDED, mqtt5.PubackReasonCode.PACKET_IDENTIFIER_IN_USE}
+# Connection failures retrying cannot fix; anything else (refused, reset, timed out) the SDK retries.
+REFUSED_CERT = "the endpoint refused our certificate during the TLS handshake; mqtt.cert must be an active device certificate registered with (signed by a CA trusted by) this endpoint"
+# A TLS failure on the very first attempt means certificates, not weather: tell the user instead of retrying.
+FATAL_CONNECT = {
+    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": REFUSED_CERT,
+    "AWS_IO_TLS_ERROR_READ_FAILURE": REFUSED_CERT,
+    "AWS_IO_TLS_ALERT_NOT_GRACEFUL": REFUSED_CERT,
+    "AWS_IO_DNS_INVALID_NAME": "mqtt.endpoint is not a valid host name; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
+    "AWS_IO_DNS_QUERY_FAILED": "mqtt.endpoint does not resolve; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
+    "AWS_IO_DNS_NO_ADDRESS_FOR_HOST": "mqtt.endpoint does not resolve; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
+}
+FATAL_CONNACK = {
+    mqtt5.ConnectReasonCode.NOT_AUTHORIZED,
+    mqtt5.ConnectReasonCode.BAD_USERNAME_OR_PASSWORD,
+    mqtt5.ConnectReasonCode.BANNED,
+    mqtt5.ConnectReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+}
+
+
+@dataclass(frozen=True)
+class Presence:
+    """The retained status announced on every (re)connect, and the will the broker publishes if we vanish."""
+
+    topic: str
+    online: bytes
+    offline: bytes
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic filter matching (+ one level, # the rest)."""
+    levels, parts = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(parts) or (level != "+" and level != parts[i]):
+            return False
+    return len(levels) == len(parts)
+
+
+def existing_file(path: Path | None, setting: str, what: str) -> str:
+    if path is None:
+        raise TransportError(f"mqtt.{setting} is not set; pass --{setting} FILE ({what})")
+    if not Path(path).is_file():
+        raise TransportError(f"mqtt.{setting} {path}: no such file; pass --{setting} with the {what}")
+    return str(path)
+
+
+class MqttLink:
+    """One MQTT5 client to IoT Core. `client` is the SDK's client, for the Jobs and Shadow service clients."""
+
+    def __init__(self, settings: MqttSettings, client_id: str):
+        if not settings.endpoint:
+            raise TransportError("mqtt.endpoint is not set; pass --endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS)")
+        self.settings = settings
+        self.client_id = client_id
+        self.cert = existing_file(settings.cert, "cert", "device certificate, PEM")
+        self.key = existing_file(settings.key, "key", "device private key, PEM")
+        self.ca = existing_file(settings.ca, "ca", "CA certificate of the endpoint, PEM")
+        self.presence: Presence | None = None
+        self.connected = False
+        self.connections = 0
+        self._client: mqtt5.Client | None = None
+        self._handlers: dict[str, MessageHandler] = {}
+        self._first_attempt = threading.Event()
+        self._fatal: str | None = None
+
+    @property
+    def client(self) -> mqtt5.Client:
+        if self._client is None:
+            raise RuntimeError("MqttLink.connect() has not been called")
+        return self._client
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connections - 1)
+
+    def connect(self, timeout_s: float) -> None:
+        """Start the client, wait up to `timeout_s` for the first attempt; a fatal refusal raises, the rest retries."""
+        settings = self.settings
+        will = None
+        if self.presence:
+            will = mqtt5.PublishPacket(topic=self.presence.topic, payload=self.presence.offline, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True)
+        try:
+            self._client = mqtt5_client_builder.mtls_from_path(
+                cert_filepath=self.cert,
+                pri_key_filepath=self.key,
+                ca_filepath=self.ca,
+                endpoint=settings.endpoint,
+                port=settings.port,
+                client_id=self.client_id,
+                keep_alive_interval_sec=settings.keep_alive_s,
+                will=will,
+                extended_validation_and_flow_control_options=(
+                    mqtt5.ExtendedValidationAndFlowControlOptions.AWS_IOT_CORE_DEFAULTS
+                    if settings.flow_control == "iot-core"
+                    else mqtt5.ExtendedValidationAndFlowControlOptions.NONE
+                ),
+                retry_jitter_mode=mqtt5.ExponentialBackoffJitterMode.FULL,
+                min_reconnect_delay_ms=int(settings.min_reconnect_delay_s * 1000),
+                max_reconnect_delay_ms=int(settings.max_reconnect_delay_s * 1000),
+                connack_timeout_ms=int(settings.connect_timeout_s * 1000),
+                ack_timeout_sec=settings.ack_timeout_s,
+                on_publish_received=self._on_message,
+                on_lifecycle_connection_success=self._on_connected,
+                on_lifecycle_connection_failure=self._on_connect_failed,
+                on_lifecycle_disconnection=self._on_disconnected,
+            )
+        except exceptions.AwsCrtError as error:
+            raise TransportError(f"mqtt.cert/mqtt.key/mqtt.ca: cannot load them ({error.name}); pass PEM files: the device certificate, its private key, the endpoint's CA") from None
+        self._client.start()
+        self._first_attempt.wait(timeout_s)
+        if self._fatal:
+            self.close()
+            raise TransportError(f"cannot connect to {settings.endpoint}:{settings.port}: {self._fatal}")
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> Future:
+        outcome: Future = Future()
+        sent = self.client.publish(mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS(qos), retain=retain))
+        sent.add_done_callback(lambda f: settle_publish(f, outcome))
+        return outcome
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> Future:
+        """Call `handler(topic, payload)` for every message on `topic_filter`, again after every reconnect."""
+        self._handlers[topic_filter] = handler
+        return self._subscribe(topic_filter, qos)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.stop(mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION))
+            self._client = None
+
+    def _subscribe(self, topic_filter: str, qos: int = 1) -> Future:
+        return self.client.subscribe(mqtt5.SubscribePacket(subscriptions=[mqtt5.Subscription(topic_filter=topic_filter, qos=mqtt5.QoS(qos))]))
+
+    def _on_message(self, data: mqtt5.PublishReceivedData) -> None:
+        packet = data.publish_packet
+        for topic_filter, handler in list(self._handlers.items()):
+            if topic_matches(topic_filter, packet.topic):
+                handler(packet.topic, bytes(packet.payload))
+
+    def _on_connected(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
+        self.connected = True
+        self.connections += 1
+        self._first_attempt.set()
+        if self.connections > 1:
+            log.warning("reconnected to %s", self.settings.endpoint)
+            if self.presence:  # the will may have replaced our retained status while we were away
+                self.client.publish(mqtt5.PublishPacket(topic=self.presence.topic, payload=self.presence.online, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True))
+            if not data.connack_packet.session_present:
+                for topic_filter in self._handlers:
+                    self._subscribe(topic_filter)
+
+    def _on_connect_failed(self, data: mqtt5.LifecycleConnectFailureData) -> None:
+        reason = data.connack_packet.reason_code if data.connack_packet else None
+        name = getattr(data.exception, "name", repr(data.exception))
+        if reason in FATAL_CONNACK:
+            self._fatal = f"the broker refused the connection ({reason.name}); check that mqtt.cert is active and its IoT policy lets it connect as client id {self.client_id!r} (thing_name)"
+        elif name in FATAL_CONNECT and not self.connections:
+            self._fatal = FATAL_CONNECT[name]
+        log.warning("connection to %s:%s failed (%s); retrying with backoff", self.settings.endpoint, self.settings.port, name)
+        self._first_attempt.set()
+
+    def _on_disconnected(self, data: mqtt5.LifecycleDisconnectData) -> None:
+        self.connected = False
+
+
+def settle_publish(sent: Future, outcome: Future) -> None:
+    """The SDK's publish result as ours: acknowledged, PublishRejected (never retry), or a transient error."""
+    error = sent.exception()
+    if error is not None:
+        name = getattr(error, "name", "")
+        if "VALIDATION" in name:  # the SDK refused the packet itself (topic, size): resending cannot help
+            error = PublishRejected(f"refused before sending ({name})")
+        outcome.set_exception(error)
+        return
+    puback = sent.result().puback
+    code = puback.reason_code if puback else mqtt5.PubackReasonCode.SUCCESS
+    if code in ACCEPTED:
+        outcome.set_result(code)
+    elif code in WORTH_RETRYING:
+        outcome.set_exception(TransportError(f"broker answered {code.name}"))
+    else:
+        outcome.set_exception(PublishRejected(f"broker refused it ({getattr(code, 'name', code)}{': ' + puback.reason_string if puback.reason_string else ''})"))
+
+
+class MqttTransport(SpooledTransport):
+    """The outbox transport on an MqttLink, with the online status retained and an offline last will."""
+
+    link: MqttLink
+
+    def start(self, online: StatusMessage) -> None:
+        # The will is registered at connect time, before the run has a newer sequence number to give it:
+        # it repeats the online message's (run_id, sequence) with its own message_id.
+        will = online.model_copy(update={"state": "offline", "reason": "connection lost", "message_id": new_message_id(), "sent_at": utc_now()})
+        self.link.presence = Presence(self.topics.status, online.to_json_bytes(), will.to_json_bytes())
+        super().start(online)
+
+
+def from_settings(settings: Settings, topics: Topics) -> MqttTransport:
+    """Registry factory (see agent.app.TRANSPORTS)."""
+    link = MqttLink(settings.mqtt, client_id=settings.thing_name)
+    return MqttTransport(link, topics, open_outbox(settings.outbox), settings.outbox, connect_timeout_s=settings.mqtt.connect_timeout_s)

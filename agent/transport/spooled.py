@@ -1,0 +1,227 @@
+"""A Transport that spools every message to the durable outbox and drains it through any `Link`.
+
+The pipeline thread only encodes, checks and stores (`publish` never touches the network). One sender
+thread sends the oldest unsent messages through the Link within the connection's quotas, keeps at most
+`max_in_flight` unacknowledged, deletes a message only once the Link says the far side has it, resends
+transient failures with exponential backoff, and drops (and counts) what the far side refuses for good.
+Nothing here knows MQTT: the Greengrass IPC Link drives the same class.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+from agent.config import OutboxSettings
+from agent.errors import ConfigError
+from agent.messages import Envelope, StatusMessage
+from agent.topics import Topics, check_topic
+from agent.transport.base import Link, PublishRejected, Transport, TransportStats
+from agent.transport.outbox import Outbox, Spooled
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = 128 * 1024  # IoT Core refuses larger payloads
+QOS_AT_LEAST_ONCE = 1
+FETCH_LIMIT = 256  # messages read from the outbox per query
+HOUSEKEEPING_S = 1.0  # how often the sender expires old messages
+
+
+class RateLimiter:
+    """Two token buckets, publishes/s and bytes/s, each one second deep (how IoT Core meters a connection)."""
+
+    def __init__(self, publishes_per_s: float, bytes_per_s: float):
+        self.rates = (publishes_per_s, bytes_per_s)
+        self.tokens = [publishes_per_s, bytes_per_s]
+        self.updated = time.monotonic()
+
+    def wait_s(self, nbytes: int) -> float:
+        """Take one publish of `nbytes` and return 0, or return how long to wait before asking again."""
+        now = time.monotonic()
+        elapsed, self.updated = now - self.updated, now
+        need = (1.0, float(nbytes))
+        self.tokens = [min(rate, tokens + rate * elapsed) for rate, tokens in zip(self.rates, self.tokens)]
+        missing = [(n - t) / rate for n, t, rate in zip(need, self.tokens, self.rates) if t < n]
+        if missing:
+            return max(missing)
+        self.tokens = [t - n for t, n in zip(self.tokens, need)]
+        return 0.0
+
+
+def refusal(topic: str, payload: bytes, kind: str) -> str | None:
+    """Why IoT Core would refuse this publish, checked before it is stored or sent; None if it is fine."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return f"{kind} message of {len(payload)} bytes exceeds IoT Core's {MAX_PAYLOAD_BYTES}-byte payload limit"
+    try:
+        check_topic(topic, kind)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+class SpooledTransport(Transport):
+    def __init__(self, link: Link, topics: Topics, outbox: Outbox, settings: OutboxSettings, connect_timeout_s: float = 10.0):
+        self.link = link
+        self.topics = topics
+        self.outbox = outbox
+        self.settings = settings
+        self.connect_timeout_s = connect_timeout_s
+        self._limiter = RateLimiter(settings.max_publishes_per_s, settings.max_bytes_per_s)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._draining = False
+        self._done: deque[tuple[Spooled, Future]] = deque()  # appended by the Link's threads, drained by the sender
+        self._in_flight: dict[int, Spooled] = {}
+        self._retry: list[tuple[int, Spooled]] = []  # heap by id: resend oldest first
+        self._retry_at = 0.0
+        self._backoff_s = settings.retry_initial_s
+        self._stats = TransportStats()
+        self._sender = threading.Thread(target=self._send_loop, name="outbox-sender", daemon=True)
+
+    # -- pipeline side ------------------------------------------------------------------------------
+
+    def start(self, online: StatusMessage) -> None:
+        self.link.connect(self.connect_timeout_s)
+        self.announce(online)
+        self._sender.start()
+
+    def publish(self, message: Envelope) -> None:
+        """Check, encode and spool one message; returns once it is committed to the outbox.
+
+        A status message is the current state, not history: it goes straight to the Link, retained."""
+        if isinstance(message, StatusMessage):
+            self.announce(message)
+            return
+        topic = self.topics.for_kind(message.kind)
+        payload = message.to_json_bytes()
+        problem = refusal(topic, payload, message.kind)
+        if problem:
+            self._refused(problem)
+            return
+        self.outbox.put(topic, QOS_AT_LEAST_ONCE, payload)
+        self._wake.set()
+
+    def announce(self, status: StatusMessage) -> Future:
+        """Publish a status retained on the status topic, bypassing the outbox (a stale status is worthless)."""
+        future = self.link.publish(self.topics.status, status.to_json_bytes(), QOS_AT_LEAST_ONCE, retain=True)
+        future.add_done_callback(lambda f: f.exception() and log.warning("status %s not delivered: %s", status.state, f.exception()))
+        return future
+
+    def close(self, offline: StatusMessage, timeout_s: float = 5.0) -> None:
+        """Deliver what the outbox holds for up to `timeout_s`, announce `offline`, disconnect.
+
+        Whatever is still undelivered stays in the outbox for the next start."""
+        deadline = time.monotonic() + timeout_s
+        if self._sender.is_alive():
+            self._draining = True
+            self._wake.set()
+            self._idle.wait(max(0.0, deadline - time.monotonic()))
+        try:
+            self.announce(offline).result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as error:  # noqa: BLE001 -- best effort on the way out; the will covers us
+            log.warning("offline status not delivered: %s", error)
+        self._stop.set()
+        self._wake.set()
+        if self._sender.is_alive():
+            self._sender.join()
+        self.link.close()
+        self.outbox.close()
+
+    def stats(self) -> TransportStats:
+        spooled = self.outbox.stats()
+        stats = self._stats
+        return TransportStats(
+            connected=getattr(self.link, "connected", True),
+            sent=stats.sent,
+            acknowledged=stats.acknowledged,
+            failed=stats.failed,
+            queued=spooled.depth,
+            dropped=stats.dropped + spooled.evicted,
+            reconnects=getattr(self.link, "reconnects", 0),
+            oldest_age_s=None if spooled.oldest_created is None else max(0.0, time.time() - spooled.oldest_created),
+        )
+
+    def _refused(self, problem: str) -> None:
+        self._stats.failed += 1
+        self._stats.dropped += 1
+        log.warning("dropped a message: %s", problem)
+
+    # -- sender thread ------------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        cursor = 0  # highest outbox id handed to the Link this run; a restart begins again at the oldest
+        next_sync = next_housekeeping = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.clear()
+            self._settle()
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                self.outbox.expire()
+                next_housekeeping = now + HOUSEKEEPING_S
+            if self.settings.synchronous == "normal" and now >= next_sync:
+                self.outbox.sync()
+                next_sync = now + self.settings.sync_interval_s
+            batch = self._next_batch(cursor, now)
+            if batch is None:  # waiting out a backoff or a full window
+                self._wake.wait(max(0.001, min(self._retry_at - now, HOUSEKEEPING_S)) if self._retry_at > now else HOUSEKEEPING_S)
+                continue
+            if not batch:
+                if self._draining and not self._in_flight and not self._retry:
+                    self._idle.set()
+                self._wake.wait(HOUSEKEEPING_S)
+                continue
+            cursor = max(cursor, batch[-1].id)
+            for item in batch:
+                self._send(item)
+        self._settle()
+
+    def _next_batch(self, cursor: int, now: float) -> list[Spooled] | None:
+        """Retries first (oldest first), then what the outbox holds past the cursor; None = wait."""
+        room = self.settings.max_in_flight - len(self._in_flight)
+        if room <= 0 or (self._retry and now < self._retry_at):
+            return None
+        if self._retry:
+            return [heapq.heappop(self._retry)[1] for _ in range(min(room, len(self._retry)))]
+        return self.outbox.after(cursor, min(room, FETCH_LIMIT))
+
+    def _send(self, item: Spooled) -> None:
+        while (wait_s := self._limiter.wait_s(len(item.payload))) > 0:
+            if self._stop.wait(wait_s):
+                heapq.heappush(self._retry, (item.id, item))
+                return
+        self._in_flight[item.id] = item
+        self._stats.sent += 1
+        try:
+            future = self.link.publish(item.topic, item.payload, item.qos)
+        except Exception as error:  # noqa: BLE001 -- a Link that fails synchronously is treated like a failed future
+            future = Future()
+            future.set_exception(error)
+        future.add_done_callback(lambda f, item=item: (self._done.append((item, f)), self._wake.set()))
+
+    def _settle(self) -> None:
+        """Act on acknowledgements: delete the acknowledged and the refused, schedule the rest for a resend."""
+        finished, transient = [], False
+        while self._done:
+            item, future = self._done.popleft()
+            self._in_flight.pop(item.id, None)
+            error = future.exception()
+            if error is None:
+                finished.append(item.id)
+                self._stats.acknowledged += 1
+                self._backoff_s = self.settings.retry_initial_s
+            elif isinstance(error, PublishRejected):
+                finished.append(item.id)
+                self._refused(f"{item.topic}: {error}")
+            else:
+                heapq.heappush(self._retry, (item.id, item))
+                transient = True
+        if transient:  # one backoff step per round of failures, however many messages failed together
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, self.settings.retry_max_s)
+        if finished:
+            self.outbox.remove(finished)

@@ -1,0 +1,296 @@
+"""A local stand-in for IoT Core: Mosquitto with mutual TLS and an ACL mirroring deploy/iot/policy.json.
+
+Reusable by any test that needs a broker (model updates, Jobs, Shadow):
+
+    from broker import Pki, Mosquitto, Observer   # tests/ is on sys.path (rootdir conftest)
+
+    pki = Pki.create(tmp_dir)                       # test CA, server cert, a rogue CA
+    device = pki.client("my-thing")                 # cert + key whose CN is the thing name
+    with Mosquitto(tmp_dir, pki) as broker:         # free port, require_certificate, ACL keyed on the CN
+        with Observer(broker, pki) as observer:     # sees every topic (including $aws/...), may publish anywhere
+            observer.subscribe("edge/#")
+            ...
+            broker.restart()                         # or .stop() / .start() / .kill()
+
+The pytest fixtures at the bottom (`pki`, `mosquitto`, `observer`) give one broker per test module;
+import them into a test module with `from broker import pki, mosquitto, observer  # noqa: F401`.
+Certificates come from the `cryptography` package (no openssl subprocess, a few ms each).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from awscrt import mqtt5
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY_ACL = REPO / "deploy" / "iot" / "mosquitto-acl"
+OBSERVER = "test-observer"  # the identity the tests subscribe with: may read and write every topic
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+needs_mosquitto = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make test installs it)")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    cert: Path
+    key: Path
+
+
+@dataclass
+class Authority:
+    """A certificate authority that can sign server and client certificates."""
+
+    name: str
+    folder: Path
+    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    cert: x509.Certificate | None = None
+
+    def __post_init__(self):
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
+        self.cert = (
+            self._builder(subject, self.key.public_key(), subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = self.folder / f"{self.name}.ca.pem"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def _builder(self, subject: x509.Name, public_key, issuer: x509.Name) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+        )
+
+    def issue(self, common_name: str, server: bool = False) -> Credentials:
+        """A key and certificate for `common_name`, written as PEM files next to the CA."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        builder = self._builder(subject, key.public_key(), self.cert.subject).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        cert = builder.sign(self.key, hashes.SHA256())
+        stem = f"{self.name}.{common_name}"
+        credentials = Credentials(cert=self.folder / f"{stem}.crt.pem", key=self.folder / f"{stem}.key.pem")
+        credentials.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        credentials.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        credentials.key.chmod(0o600)
+        return credentials
+
+
+@dataclass
+class Pki:
+    """The test CA (trusted by the broker), its server certificate, and a rogue CA the broker does not trust."""
+
+    ca: Authority
+    server: Credentials
+    rogue: Authority
+
+    @classmethod
+    def create(cls, folder: Path) -> "Pki":
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = Authority("test-ca", folder)
+        return cls(ca=ca, server=ca.issue("localhost", server=True), rogue=Authority("rogue-ca", folder))
+
+    def client(self, thing_name: str) -> Credentials:
+        """A device certificate whose CN is the thing name, signed by the CA the broker trusts."""
+        return self.ca.issue(thing_name)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Mosquitto:
+    """One mosquitto process on a free port of 127.0.0.1: mutual TLS, identity = certificate CN, policy ACL."""
+
+    def __init__(self, folder: Path, pki: Pki, port: int | None = None):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pki = pki
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self.log = folder / "mosquitto.log"
+        acl = folder / "acl"
+        acl.write_text(f"{POLICY_ACL.read_text()}\nuser {OBSERVER}\ntopic readwrite #\ntopic readwrite $aws/#\n")
+        self.config = folder / "mosquitto.conf"
+        run_as = "user root\n" if os.geteuid() == 0 else ""
+        self.config.write_text(
+            f"{run_as}persistence true\npersistence_location {folder}/\nallow_anonymous false\nper_listener_settings false\n"
+            f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
+            f"acl_file {acl}\n"
+            f"listener {self.port} 127.0.0.1\nprotocol mqtt\n"
+            f"cafile {pki.ca.path}\ncertfile {pki.server.cert}\nkeyfile {pki.server.key}\n"
+            "require_certificate true\nuse_identity_as_username true\n"
+        )
+
+    def start(self, timeout_s: float = 10.0) -> "Mosquitto":
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode()} {self.log.read_text() if self.log.exists() else ''}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "Mosquitto":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Observer:
+    """An awscrt MQTT5 client with the all-topics identity: records what it receives, re-subscribes after reconnects."""
+
+    def __init__(self, broker: Mosquitto, pki: Pki, client_id: str = OBSERVER):
+        credentials = pki.ca.issue(OBSERVER)
+        self.messages: list[Received] = []
+        self._filters: list[str] = []
+        self._changed = threading.Condition()
+        self._connected = threading.Event()
+        from awsiot import mqtt5_client_builder
+
+        self.client = mqtt5_client_builder.mtls_from_path(
+            cert_filepath=str(credentials.cert),
+            pri_key_filepath=str(credentials.key),
+            ca_filepath=str(pki.ca.path),
+            endpoint="127.0.0.1",
+            port=broker.port,
+            client_id=client_id,
+            extended_validation_and_flow_control_options=mqtt5.ExtendedValidationAndFlowControlOptions.NONE,
+            # A persistent session (the broker keeps it through a restart) so nothing is missed while away.
+            session_behavior=mqtt5.ClientSessionBehaviorType.REJOIN_POST_SUCCESS,
+            session_expiry_interval_sec=3600,
+            min_reconnect_delay_ms=100,
+            max_reconnect_delay_ms=500,
+            on_publish_received=self._on_message,
+            on_lifecycle_connection_success=self._on_connected,
+            on_lifecycle_disconnection=lambda data: self._connected.clear(),
+        )
+
+    def __enter__(self) -> "Observer":
+        self.client.start()
+        assert self._connected.wait(10), "observer could not connect to the test broker"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.stop()
+
+    def subscribe(self, topic_filter: str) -> None:
+        self._filters.append(topic_filter)
+        self._subscribe(topic_filter).result(10)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Future:
+        return self.client.publish(mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=retain))
+
+    def clear(self) -> None:
+        with self._changed:
+            self.messages.clear()
+
+    def on(self, topic: str) -> list[Received]:
+        with self._changed:
+            return [m for m in self.messages if m.topic == topic]
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout_s: float = 20.0) -> list[Received]:
+        """Block until `predicate(messages)` holds; the messages so far either way (the test asserts)."""
+        with self._changed:
+            self._changed.wait_for(lambda: predicate(self.messages), timeout_s)
+            return list(self.messages)
+
+    def _subscribe(self, topic_filter: str) -> Future:
+        return self.client.subscribe(mqtt5.SubscribePacket(subscriptions=[mqtt5.Subscription(topic_filter=topic_filter, qos=mqtt5.QoS.AT_LEAST_ONCE)]))
+
+    def _on_connected(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
+        if not data.connack_packet.session_present:
+            for topic_filter in self._filters:
+                self._subscribe(topic_filter)
+        self._connected.set()
+
+    def _on_message(self, data: mqtt5.PublishReceivedData) -> None:
+        packet = data.publish_packet
+        with self._changed:
+            self.messages.append(Received(packet.topic, bytes(packet.payload), int(packet.qos), bool(packet.retain)))
+            self._changed.notify_all()
+
+
+# -- pytest fixtures: one PKI per session, one broker per module --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def mosquitto(pki, tmp_path_factory) -> Iterator[Mosquitto]:
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto not installed (make test installs it)")
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto"), pki) as broker:
+        yield broker
+
+
+@pytest.fixture
+def observer(mosquitto, pki) -> Iterator[Observer]:
+    """A fresh all-topics subscriber per test (the broker must be running when the test starts)."""
+    if mosquitto.process is None:
+        mosquitto.start()
+    with Observer(mosquitto, pki) as subscriber:
+        yield subscriber
