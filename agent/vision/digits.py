@@ -5,13 +5,17 @@ white-on-black digits, fitted in 20x20 and centred by centre of mass, so every d
 found, cut out and brought into that form. Everything here is pure numpy/OpenCV on one frame: no I/O.
 
 How digits are found, and why:
-- Ink is measured against the local paper, not against a global threshold, so gradients and shadows do
-  not matter: a morphological closing (larger than a stroke, smaller than nothing else) estimates the
-  paper under each pixel, and ink is how much darker than that paper a pixel is, as a fraction of it.
-  Light ink on a dark board is the same sum on the inverted image.
-- With polarity "auto" both kinds are looked for. A digit of one polarity produces small false marks of
-  the other (the paper inside a 0, between strokes); where a mark of one polarity overlaps a candidate of
-  the other, the one with more ink wins. Digits of both kinds in one frame (paper next to a board) work.
+- Ink is measured against the paper right around it, not against a global threshold, so gradients and
+  shadows do not matter: a morphological closing wider than any stroke estimates the paper under each
+  pixel, and ink is how much darker than that paper a pixel is, as a fraction of it. Chalk on a board is
+  the mirror image (an opening, and lighter instead of darker).
+- A digit is faint ink around strong ink (hysteresis), its pieces close together are one digit, and it
+  is digit-sized, not touching the frame (paper edges), not a long line or a solid blob, and stands
+  alone on clean surface (texture does not).
+- With polarity "auto" both kinds are looked for, so a frame may hold paper and a board. Each polarity
+  makes false marks of the other kind (the paper inside a 0, a strip of paper between a stroke and a
+  shadow); they are the surface itself, so they do not stand out from the median around them, and where
+  two candidates of opposite polarity overlap, the one that stands out more wins.
 - The work happens on a downscaled grey copy (`work_width`), which keeps a 640x480 frame near 1 ms.
 """
 
@@ -28,6 +32,9 @@ from agent.errors import SourceError
 
 MNIST_SIZE = 28
 MNIST_BOX = 20
+# Ink contrast is measured as a fraction of the brighter side (the paper under dark ink, the chalk itself
+# on a board), but never of less than this many grey levels: in the dark, a fraction of nothing is noise.
+DIMMEST_PAPER = 96
 MNIST_CENTRE = 14.0  # where MNIST's centres of mass sit, in pixel-index coordinates (measured: 14.0 +- 0.3)
 
 
@@ -38,7 +45,7 @@ class DigitFinderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     polarity: Literal["auto", "dark", "light"] = Field(
-        "auto", description="dark: dark ink on light paper; light: chalk on a dark board; auto: both"
+        "auto", description="dark: dark ink on light paper; light: chalk on a dark board; auto: either, per digit"
     )
     min_height: float = Field(0.05, gt=0, lt=1, description="smallest digit, as a fraction of the frame height")
     max_height: float = Field(0.35, gt=0, le=1, description="largest digit, as a fraction of the frame height")
@@ -49,6 +56,10 @@ class DigitFinderSettings(BaseModel):
     max_fill: float = Field(0.8, gt=0, le=1, description="solid blobs filling more of their box are not digits")
     join_gap: float = Field(
         0.12, ge=0, lt=1, description="pieces closer than this fraction of their height are one digit"
+    )
+    ring: float = Field(0.25, gt=0, lt=1, description="width of the ring around a digit that must be clean, x its height")
+    max_surround: float = Field(
+        0.03, ge=0, le=1, description="fraction of that ring that may be ink (texture is surrounded by more)"
     )
     work_width: int = Field(320, ge=64, description="frames wider than this are downscaled for finding")
     max_digits: int = Field(16, ge=1, description="keep at most this many digits (the inkiest) per frame")
@@ -145,6 +156,7 @@ class _Candidates:
 
     boxes: np.ndarray  # (N, 4) x, y, w, h
     mass: np.ndarray  # (N,) ink pixels in the box
+    contrast: np.ndarray  # (N,) how far its ink stands out from the surface, as a fraction of the brighter
     members: list[list[np.ndarray]]  # the outer contours of each candidate's pieces
     ink: np.ndarray  # the relative-contrast image the candidates were cut from
     dark: bool
@@ -155,6 +167,8 @@ class DigitFinder:
 
     def __init__(self, settings: DigitFinderSettings | None = None):
         self.settings = settings or DigitFinderSettings()
+        self._strong = round(255 * self.settings.min_contrast)  # a digit has ink at least this contrasted
+        self._faint = self._strong // 2  # and its strokes are the ink around that above half of it
 
     def find(self, frame: np.ndarray) -> FoundDigits:
         frame = check_frame(frame)
@@ -165,31 +179,31 @@ class DigitFinder:
         if factor > 1:
             size = (max(1, round(width / factor)), max(1, round(height / factor)))
             grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-        work_h = grey.shape[0]
-        min_h, max_h = s.min_height * work_h, s.max_height * work_h
+        max_h = s.max_height * grey.shape[0]
         # The paper estimate must bridge the widest stroke (MNIST strokes are ~15% of the digit height).
         side = max(3, int(0.2 * max_h) | 1)
         kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
         found: list[_Candidates] = []
         if s.polarity in ("auto", "dark"):
             paper = cv2.morphologyEx(grey, cv2.MORPH_CLOSE, kernel)
-            found.append(self._candidates(cv2.divide(cv2.subtract(paper, grey), paper, scale=255), True, min_h, max_h))
+            ink = cv2.divide(cv2.subtract(paper, grey), cv2.max(paper, DIMMEST_PAPER), scale=255)
+            found.append(self._candidates(ink, grey, dark=True))
         if s.polarity in ("auto", "light"):
             board = cv2.morphologyEx(grey, cv2.MORPH_OPEN, kernel)
-            found.append(
-                self._candidates(
-                    cv2.divide(cv2.subtract(grey, board), cv2.bitwise_not(board), scale=255), False, min_h, max_h
-                )
-            )
-        keep = _overlap_winners(found)
-        return self._digits(found, keep, factor, (width, height))
+            ink = cv2.divide(cv2.subtract(grey, board), cv2.max(grey, DIMMEST_PAPER), scale=255)
+            found.append(self._candidates(ink, grey, dark=False))
+        return self._digits(found, _overlap_winners(found), factor, (width, height))
 
-    def _candidates(self, ink: np.ndarray, dark: bool, min_h: float, max_h: float) -> _Candidates:
+    def _candidates(self, ink: np.ndarray, grey: np.ndarray, dark: bool) -> _Candidates:
         s = self.settings
-        _, mask = cv2.threshold(ink, round(255 * s.min_contrast), 255, cv2.THRESH_BINARY)
+        work_h, work_w = ink.shape
+        min_h, max_h = s.min_height * work_h, s.max_height * work_h
+        empty = _Candidates(np.zeros((0, 4), np.int32), np.zeros(0), np.zeros(0), [], ink, dark)
+        # Hysteresis: a digit is the faint ink around strong ink, so pale strokes (chalk, pencil, a digit in
+        # the shade) stay attached to their digit instead of breaking it into pieces.
+        _, mask = cv2.threshold(ink, self._faint, 255, cv2.THRESH_BINARY)
         # Outer contours, not connectedComponentsWithStats: on a sparse mask they are ~15x faster.
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        empty = _Candidates(np.zeros((0, 4), np.int32), np.zeros(0), [], ink, dark)
         if not contours:
             return empty
         pieces = np.array([cv2.boundingRect(c) for c in contours], np.int64)
@@ -198,8 +212,7 @@ class DigitFinder:
         if len(big) == 0:
             return empty
         pieces = pieces[big]
-        group = _group(pieces.astype(np.float64), s.join_gap)
-        groups, inverse = np.unique(group, return_inverse=True)
+        groups, inverse = np.unique(_group(pieces.astype(np.float64), s.join_gap), return_inverse=True)
         x0 = np.full(len(groups), np.iinfo(np.int64).max)
         y0 = x0.copy()
         x1 = np.zeros(len(groups), np.int64)
@@ -209,31 +222,49 @@ class DigitFinder:
         np.maximum.at(x1, inverse, pieces[:, 0] + pieces[:, 2])
         np.maximum.at(y1, inverse, pieces[:, 1] + pieces[:, 3])
         w, h = x1 - x0, y1 - y0
-        work_h, work_w = ink.shape
         inside = (x0 > 0) & (y0 > 0) & (x1 < work_w) & (y1 < work_h)  # paper edges and frame borders
         sized = np.flatnonzero(inside & (h >= min_h) & (h <= max_h) & (w <= s.max_aspect * h))
-        mass = np.array([cv2.countNonZero(mask[y0[g] : y1[g], x0[g] : x1[g]]) for g in sized], np.float64)
-        solid = mass > s.max_fill * w[sized] * h[sized]
-        chosen, mass = sized[~solid], mass[~solid]
-        boxes = np.stack([x0, y0, w, h], axis=1)[chosen].astype(np.int32)
-        members = [[contours[big[j]] for j in np.flatnonzero(inverse == g)] for g in chosen]
-        return _Candidates(boxes, mass, members, ink, dark)
+        x0, y0, x1, y1, w, h = x0[sized], y0[sized], x1[sized], y1[sized], w[sized], h[sized]
+        boxes = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(y0, y1, x0, x1)]
+        mass = np.array([cv2.countNonZero(mask[b]) for b in boxes], np.float64)
+        strong = np.array([cv2.minMaxLoc(ink[b])[1] >= self._strong for b in boxes], bool)
+        solid = (mass > s.max_fill * w * h) & (2 * w > h)  # an upright 1 is a solid bar, and a digit
+        # A digit stands on clean paper: the ring around its box is (nearly) free of ink. Texture (a wooden
+        # desk, cork, a patterned cloth) makes digit-sized marks too, but they are surrounded by more.
+        r = np.maximum(2, np.round(s.ring * h)).astype(np.int64)
+        rx0, ry0 = np.maximum(x0 - r, 0), np.maximum(y0 - r, 0)
+        rx1, ry1 = np.minimum(x1 + r, work_w), np.minimum(y1 + r, work_h)
+        around = np.array([cv2.countNonZero(mask[a:b, c:d]) for a, b, c, d in zip(ry0, ry1, rx0, rx1)]) - mass
+        clean = around <= s.max_surround * ((rx1 - rx0) * (ry1 - ry0) - w * h)
+        good = np.flatnonzero(strong & ~solid & clean)
+        # Ink stands out from the surface it is written on. The other polarity's false marks (the paper
+        # inside a 0, a strip of paper between a stroke and a shadow) are the surface itself. The surface
+        # is the median around the box: a digit's ink is a minority there.
+        ink_level = np.array([cv2.mean(grey[boxes[g]], mask[boxes[g]])[0] for g in good])
+        surface_level = np.array([np.median(grey[_grown(boxes[g], h[g] // 2)][::2, ::2]) for g in good])
+        if dark:
+            contrast = (surface_level - ink_level) / np.maximum(surface_level, DIMMEST_PAPER)
+        else:
+            contrast = (ink_level - surface_level) / np.maximum(ink_level, DIMMEST_PAPER)
+        stands_out = contrast >= 0.5 * s.min_contrast
+        good, contrast = good[stands_out], contrast[stands_out]
+        members = [[contours[big[j]] for j in np.flatnonzero(inverse == g)] for g in sized[good]]
+        chosen = np.stack([x0, y0, w, h], axis=1)[good].astype(np.int32)
+        return _Candidates(chosen, mass[good], contrast, members, ink, dark)
 
     def _digits(
         self, found: list[_Candidates], keep: list[np.ndarray], factor: float, frame_size: tuple[int, int]
     ) -> FoundDigits:
         picked = [(c, i) for c, k in zip(found, keep) for i in np.flatnonzero(k)]
-        if len(picked) > self.settings.max_digits:
-            picked.sort(key=lambda ci: -ci[0].mass[ci[1]])
-            picked = picked[: self.settings.max_digits]
+        picked.sort(key=lambda ci: -ci[0].mass[ci[1]])
+        picked = picked[: self.settings.max_digits]
         picked.sort(key=lambda ci: (ci[0].boxes[ci[1], 1] + ci[0].boxes[ci[1], 3] // 2, ci[0].boxes[ci[1], 0]))
         images = np.zeros((len(picked), MNIST_SIZE, MNIST_SIZE), np.float32)
         boxes = np.zeros((len(picked), 4), np.int32)
-        dark = np.zeros(len(picked), bool)
         for n, (cands, i) in enumerate(picked):
             images[n] = normalise_digit(self._ink_crop(cands, i))
             boxes[n] = _to_frame(cands.boxes[i], factor, frame_size)
-            dark[n] = cands.dark
+        dark = np.array([cands.dark for cands, _ in picked], bool)
         return FoundDigits(boxes=boxes, images=images, dark_ink=dark)
 
     def _ink_crop(self, cands: _Candidates, i: int) -> np.ndarray:
@@ -245,15 +276,22 @@ class DigitFinder:
         own = np.zeros((h, w), np.uint8)
         cv2.drawContours(own, cands.members[i], -1, 255, thickness=cv2.FILLED, offset=(-x, -y))
         own = cv2.dilate(own, None)
-        floor = 0.5 * 255 * self.settings.min_contrast
+        floor = self._faint
         inked = ink[(own > 0) & (ink > floor)]
         body = float(np.partition(inked, 3 * inked.size // 4)[3 * inked.size // 4]) if inked.size else 255.0
         values = (np.minimum(ink, body).astype(np.float32) - floor) * np.float32(1 / max(body - floor, 1.0))
         return np.maximum(values, 0.0, out=values) * (own > 0)
 
 
+def _grown(box: tuple[slice, slice], by: int) -> tuple[slice, slice]:
+    """A (rows, columns) slice pair grown by `by` pixels on every side (numpy clips it at the image)."""
+    rows, cols = box
+    return slice(max(0, rows.start - by), rows.stop + by), slice(max(0, cols.start - by), cols.stop + by)
+
+
 def _overlap_winners(found: list[_Candidates]) -> list[np.ndarray]:
-    """Per polarity, which candidates survive: where opposite polarities overlap, the inkier one wins."""
+    """Per polarity, which candidates survive: where both polarities claim the same place, the one that
+    stands out more from the surface wins (a real stroke is much darker, or lighter, than the paper)."""
     keep = [np.ones(len(c.boxes), bool) for c in found]
     if len(found) == 2 and len(found[0].boxes) and len(found[1].boxes):
         a, b = found[0].boxes, found[1].boxes
@@ -263,9 +301,9 @@ def _overlap_winners(found: list[_Candidates]) -> list[np.ndarray]:
             & (a[:, None, 1] < b[None, :, 1] + b[None, :, 3])
             & (b[None, :, 1] < a[:, None, 1] + a[:, None, 3])
         )
-        heavier = found[0].mass[:, None] > found[1].mass[None, :]
-        keep[0] = ~(overlap & ~heavier).any(axis=1)
-        keep[1] = ~(overlap & heavier).any(axis=0)
+        stronger = found[0].contrast[:, None] >= found[1].contrast[None, :]
+        keep[0] = ~(overlap & ~stronger).any(axis=1)
+        keep[1] = ~(overlap & stronger).any(axis=0)
     return keep
 
 
