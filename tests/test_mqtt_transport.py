@@ -1,0 +1,283 @@
+"""The MQTT transport against a real Mosquitto with mutual TLS and the IoT policy's ACL.
+
+Most cases run the real agent (`python -m agent run --transport mqtt`) as a process on the sample video and
+watch what a subscriber receives; a few drive the transport in-process where the case is about one message.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from agent.config import Settings
+from agent.messages import InferenceResult, MetricsMessage, SequenceCounter, StatusMessage
+from agent.schemas import schema_documents
+from agent.topics import Topics
+from agent.transport import mqtt
+from broker import Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
+from conftest import REPO, agent_env, run_cli
+
+pytestmark = pytest.mark.broker
+
+THING = "dev-1"
+INFERENCE, STATUS, METRICS = (f"edge/{THING}/{kind}" for kind in ("inference", "status", "metrics"))
+FAST_RECONNECT = {"min_reconnect_delay_s": 0.1, "max_reconnect_delay_s": 0.5}
+
+
+@pytest.fixture(scope="module")
+def device(pki):
+    return pki.client(THING)
+
+
+def agent_command(broker: Mosquitto, device, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "agent", "run", "--transport", "mqtt", "--thing-name", THING,
+        "--endpoint", "127.0.0.1", "--port", str(broker.port),
+        "--cert", str(device.cert), "--key", str(device.key), "--ca", str(broker.pki.ca.path), *args,
+    ]  # fmt: skip
+
+
+def agent_environment(outbox: Path) -> dict[str, str]:
+    return agent_env(
+        EDGE_AGENT_OUTBOX__PATH=str(outbox),
+        EDGE_AGENT_OUTBOX__RETRY_MAX_S="1",
+        EDGE_AGENT_MQTT__MIN_RECONNECT_DELAY_S="0.1",
+        EDGE_AGENT_MQTT__MAX_RECONNECT_DELAY_S="0.5",
+        EDGE_AGENT_MQTT__CONNECT_TIMEOUT_S="2",
+    )
+
+
+def run_agent(broker, device, outbox: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    done = subprocess.run(agent_command(broker, device, *args), capture_output=True, text=True, timeout=timeout, env=agent_environment(outbox), cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def start_agent(broker, device, outbox: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(agent_command(broker, device, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=agent_environment(outbox), cwd=REPO)
+
+
+def results_count(done: subprocess.CompletedProcess) -> int:
+    return json.loads(done.stderr.strip().splitlines()[-1])["results"]
+
+
+def payloads(messages, topic: str) -> list[dict]:
+    return [json.loads(m.payload) for m in messages if m.topic == topic]
+
+
+def frames_of(messages) -> set[tuple[str, int]]:
+    return {(p["run_id"], p["frame"]) for p in payloads(messages, INFERENCE)}
+
+
+def test_results_arrive_on_their_topic_at_qos1_matching_the_schema(mosquitto, observer, device, tmp_path):
+    observer.subscribe(f"edge/{THING}/#")
+    done = run_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "30")
+    expected = results_count(done)
+    assert expected > 0
+    messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
+    results = [m for m in messages if m.topic == INFERENCE]
+    assert len(frames_of(messages)) == expected
+    assert {m.qos for m in results} == {1}
+    schema = schema_documents()["inference-result.schema.json"]
+    for message in results:
+        jsonschema.validate(json.loads(message.payload), schema)
+        assert InferenceResult.model_validate_json(message.payload).thing_name == THING
+    states = [p["state"] for p in payloads(messages, STATUS)]
+    assert states[0] == "online" and states[-1] == "offline"
+    assert sqlite3.connect(tmp_path / "outbox.db").execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+
+
+def test_status_is_retained_and_the_will_says_offline_when_the_agent_is_killed(mosquitto, pki, device, tmp_path):
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--loop", "--pace-fps", "5")
+    try:
+        with Observer(mosquitto, pki, client_id="status-1") as first:
+            first.subscribe(STATUS)
+            online = first.wait_for(lambda ms: any(json.loads(m.payload)["state"] == "online" for m in ms))
+            assert online, "agent never announced online"
+        with Observer(mosquitto, pki, client_id="status-2") as late:  # joins afterwards: gets the retained copy
+            late.subscribe(STATUS)
+            [retained] = late.wait_for(lambda ms: len(ms) >= 1)
+            assert retained.retain and json.loads(retained.payload)["state"] == "online"
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(10)
+            messages = late.wait_for(lambda ms: len(ms) >= 2)
+            will = json.loads(messages[-1].payload)
+            assert (will["state"], will["reason"]) == ("offline", "connection lost")
+            StatusMessage.model_validate(will)
+        with Observer(mosquitto, pki, client_id="status-3") as after:
+            after.subscribe(STATUS)
+            [retained] = after.wait_for(lambda ms: len(ms) >= 1)
+            assert retained.retain and json.loads(retained.payload)["state"] == "offline"
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_broker_down_at_start_then_up(mosquitto, observer, device, tmp_path):
+    observer.subscribe(INFERENCE)
+    mosquitto.stop()
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "40", "--pace-fps", "20")
+    try:
+        time.sleep(1.0)
+        assert agent.poll() is None, agent.stderr.read()
+        mosquitto.start()
+        _, stderr = agent.communicate(timeout=60)
+        assert agent.returncode == 0, stderr
+        expected = json.loads(stderr.strip().splitlines()[-1])["results"]
+        messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
+        assert len(frames_of(messages)) == expected
+    finally:
+        agent.kill()
+        if mosquitto.process is None:
+            mosquitto.start()
+
+
+def test_broker_restarted_mid_run_loses_nothing(mosquitto, observer, device, tmp_path):
+    observer.subscribe(INFERENCE)
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "60", "--pace-fps", "20")
+    try:
+        observer.wait_for(lambda ms: len(ms) >= 5)
+        mosquitto.restart()
+        _, stderr = agent.communicate(timeout=60)
+        assert agent.returncode == 0, stderr
+        expected = json.loads(stderr.strip().splitlines()[-1])["results"]
+        messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
+        assert len(frames_of(messages)) == expected
+    finally:
+        agent.kill()
+
+
+def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquitto, observer, device, tmp_path):
+    """Every result accepted before a SIGKILL arrives once broker and agent are back: no sequence number is missing."""
+    observer.subscribe(INFERENCE)
+    outbox = tmp_path / "outbox.db"
+    mosquitto.stop()
+    agent = start_agent(mosquitto, device, outbox, "--loop", "--pace-fps", "50")
+    try:
+        deadline = time.monotonic() + 30
+        spooled = 0
+        while spooled < 40 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                with sqlite3.connect(outbox) as db:
+                    spooled = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            except sqlite3.OperationalError:  # the agent has not created it yet
+                pass
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+    finally:
+        agent.kill()
+    with sqlite3.connect(outbox) as db:
+        killed_run = [json.loads(p) for (p,) in db.execute("SELECT payload FROM outbox WHERE topic = ?", (INFERENCE,))]
+    assert len(killed_run) >= 40
+    run_id = killed_run[0]["run_id"]
+    last_sequence = max(p["sequence"] for p in killed_run)
+    mosquitto.start()
+    run_agent(mosquitto, device, outbox, "--max-frames", "1")
+    messages = observer.wait_for(lambda ms: {p["sequence"] for p in payloads(ms, INFERENCE) if p["run_id"] == run_id} >= set(range(2, last_sequence + 1)))
+    received = {p["sequence"] for p in payloads(messages, INFERENCE) if p["run_id"] == run_id}
+    # sequence 1 is the online status; every result after it, up to the last one accepted, must be there
+    assert set(range(2, last_sequence + 1)) <= received
+
+
+def test_client_certificate_from_another_ca_is_refused_with_one_line(mosquitto, pki, tmp_path):
+    rogue = pki.rogue.issue(THING)
+    done = run_cli(*agent_command(mosquitto, rogue, "--max-frames", "1")[3:], env=agent_environment(tmp_path / "outbox.db"))
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("edge-agent: ") and "mqtt.cert" in line and "refused our certificate" in line
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("setting", ["cert", "key"])
+def test_missing_certificate_or_key_is_one_line_naming_the_setting(mosquitto, device, tmp_path, setting):
+    args = agent_command(mosquitto, device, "--max-frames", "1")[3:]
+    args[args.index(f"--{setting}") + 1] = str(tmp_path / "missing.pem")
+    done = run_cli(*args, env=agent_environment(tmp_path / "outbox.db"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"edge-agent: mqtt.{setting} {tmp_path / 'missing.pem'}: no such file; pass --{setting} with the " + (
+        "device certificate, PEM" if setting == "cert" else "device private key, PEM"
+    )
+
+
+# -- in-process: one message at a time -------------------------------------------------------------------
+
+
+def transport_settings(broker: Mosquitto, device, tmp_path: Path, **overrides) -> Settings:
+    return Settings.model_validate(
+        {
+            "thing_name": THING,
+            "transport": "mqtt",
+            "mqtt": {"endpoint": "127.0.0.1", "port": broker.port, "cert": str(device.cert), "key": str(device.key), "ca": str(broker.pki.ca.path), **FAST_RECONNECT},
+            "outbox": {"path": str(tmp_path / "outbox.db"), "retry_max_s": 1},
+            **overrides,
+        }
+    )
+
+
+def metrics_message(sequence: SequenceCounter) -> MetricsMessage:
+    return MetricsMessage(**sequence.envelope(), interval_s=1, frames_read=1, frames_dropped=0, frames_corrupt=0, results=1, fps=1, latency_p50_ms=1, latency_p99_ms=1)
+
+
+def open_transport(settings: Settings) -> tuple[mqtt.MqttTransport, SequenceCounter]:
+    sequence = SequenceCounter(THING)
+    transport = mqtt.from_settings(settings, Topics.for_thing(settings.topics, THING))
+    transport.start(StatusMessage(**sequence.envelope(), state="online", agent_version="test"))
+    return transport, sequence
+
+
+def wait_until(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_publish_the_policy_denies_is_reported_and_dropped_not_retried(mosquitto, observer, device, tmp_path, caplog):
+    observer.subscribe(f"edge/{THING}/#")
+    settings = transport_settings(mosquitto, device, tmp_path, topics={"metrics": "{prefix}/{thing}/not-in-policy"})
+    transport, sequence = open_transport(settings)
+    try:
+        transport.publish(metrics_message(sequence))
+        wait_until(lambda: transport.stats().failed == 1)
+        stats = transport.stats()
+        assert (stats.failed, stats.dropped, stats.queued, stats.acknowledged) == (1, 1, 0, 0)
+        assert any("not-in-policy" in r.message and "NOT_AUTHORIZED" in r.message for r in caplog.records)
+        time.sleep(1.5)  # longer than the retry backoff: a retry would show up as another send
+        assert transport.stats().sent == 1
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"))
+    assert not observer.on(f"edge/{THING}/not-in-policy")
+
+
+def test_an_oversized_payload_never_reaches_the_outbox_or_the_network(mosquitto, device, tmp_path):
+    transport, sequence = open_transport(transport_settings(mosquitto, device, tmp_path))
+    try:
+        oversized = metrics_message(sequence).model_copy(update={"thing_name": "x" * (130 * 1024)})
+        transport.publish(oversized)
+        stats = transport.stats()
+        assert (stats.failed, stats.dropped, stats.queued, stats.sent) == (1, 1, 0, 0)
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"))
+
+
+def test_commands_subscription_survives_a_broker_restart(mosquitto, observer, device, tmp_path):
+    transport, sequence = open_transport(transport_settings(mosquitto, device, tmp_path))
+    received: list[bytes] = []
+    try:
+        transport.link.subscribe(f"edge/{THING}/commands", lambda topic, payload: received.append(payload)).result(10)
+        observer.publish(f"edge/{THING}/commands", b"one").result(10)
+        wait_until(lambda: received == [b"one"])
+        mosquitto.restart()
+        wait_until(lambda: transport.link.reconnects >= 1 and transport.link.connected)
+        wait_until(lambda: (observer.publish(f"edge/{THING}/commands", b"two").result(10), b"two" in received)[1], timeout_s=10)
+        assert received[0] == b"one" and b"two" in received
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"))
