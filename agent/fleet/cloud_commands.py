@@ -1,0 +1,193 @@
+"""Argument parsing for the `edge-fleet` commands that talk to AWS: provision, model publish|rollback,
+fleet status, job cancel. Registered in agent/fleet/cli.py; the work is in provision, publish, rollout and
+status. boto3 is imported only when a command runs, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent.cli import Parser
+from agent.errors import ConfigError
+from agent.signing import DEFAULT_PRIVATE_KEY
+
+Subcommands = argparse._SubParsersAction
+
+
+def add_aws_options(parser: argparse.ArgumentParser, *, changes: bool) -> None:
+    aws = parser.add_argument_group("AWS")
+    aws.add_argument("--region", help="AWS region (default: AWS_REGION or the profile's)")
+    aws.add_argument("--profile", help="AWS named profile (default: AWS_PROFILE or the default chain)")
+    aws.add_argument("--endpoint-url", help="send every AWS request here instead (a local stand-in such as moto)")
+    if changes:
+        aws.add_argument("--dry-run", action="store_true", help="change nothing: print the exact requests that would be made, as JSON")
+
+
+def make_aws(args: argparse.Namespace):
+    from agent.fleet.aws import Aws, AwsOptions
+
+    return Aws(AwsOptions(region=args.region, profile=args.profile, endpoint_url=args.endpoint_url, dry_run=getattr(args, "dry_run", False)))
+
+
+def report(aws, result: dict[str, Any]) -> int:
+    """Print a command's result (or, in a dry run, the requests held back and what would have come of them)."""
+    if aws.options.dry_run:
+        result = {"dry_run": True, "requests": aws.planned, "result": result}
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def add_rollout_options(parser: argparse.ArgumentParser) -> None:
+    from agent.fleet.rollout import DEFAULT_RECIPE, Rollout
+
+    engine = parser.add_argument_group("rollout engine")
+    engine.add_argument("--via", choices=["jobs", "greengrass"], default="jobs", help="an IoT Job, or a Greengrass deployment of the model component (default jobs)")
+    engine.add_argument("--presign-role-arn", help="(jobs) IAM role IoT Core assumes to presign the bundle's S3 URL")
+    engine.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help=f"(greengrass) model component recipe (default {DEFAULT_RECIPE})")
+    engine.add_argument("--continuous", action="store_true", help="(jobs) devices added to the group later get the update too")
+    pacing = parser.add_argument_group("rollout pacing, abort and timeout (same for jobs and greengrass)")
+    for name, info in Rollout.model_fields.items():
+        pacing.add_argument("--" + name.replace("_", "-"), dest="rollout_" + name, metavar="N", help=f"{info.description} (default {info.default})")
+
+
+def rollout_from(args: argparse.Namespace):
+    from agent.config import describe_validation_error
+    from agent.fleet.rollout import Rollout
+
+    values = {name: getattr(args, "rollout_" + name) for name in Rollout.model_fields if getattr(args, "rollout_" + name) is not None}
+    try:
+        return Rollout.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "rollout option").replace("option ", "option --").replace("_", "-")) from None
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--thing", help="one device (thing name)")
+    target.add_argument("--group", help="a thing group: every device in it")
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.fleet.provision import provision
+
+    aws = make_aws(args)
+    result = provision(
+        aws, args.thing, args.out, group=args.group, policy_name=args.policy_name, policy_file=args.policy_file, device_dir=args.device_dir, trusted_keys=args.trusted_key or []
+    )
+    return report(aws, result)
+
+
+def cmd_model_publish(args: argparse.Namespace) -> int:
+    from agent.fleet.publish import prepare, upload
+    from agent.fleet.rollout import check_engine, roll_out, target_arn
+
+    aws = make_aws(args)
+    rollout = rollout_from(args)
+    check_engine(args.via, args.presign_role_arn)
+    with tempfile.TemporaryDirectory(prefix="edge-publish-") as workdir:
+        artifact, release = prepare(args.bundle, args.signing_key, Path(workdir), args.bucket)
+        target = target_arn(aws, args.thing, args.group)
+        upload(aws, artifact, release)
+    result = roll_out(
+        aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=True, allow_downgrade=args.allow_downgrade, continuous=args.continuous
+    )
+    return report(aws, {"model": release.name, "version": release.version, "sha256": release.sha256, "s3": f"s3://{release.bucket}/{release.key}", **result})
+
+
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    from agent.fleet.publish import find_release
+    from agent.fleet.rollout import check_engine, roll_out, target_arn
+
+    aws = make_aws(args)
+    rollout = rollout_from(args)
+    check_engine(args.via, args.presign_role_arn)
+    release = find_release(aws, args.bucket, args.to, args.name)
+    target = target_arn(aws, args.thing, args.group)
+    result = roll_out(aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=False, allow_downgrade=True, continuous=args.continuous)
+    return report(aws, {"model": release.name, "version": release.version, "rollback": True, **result})
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    from agent.fleet.status import fleet_status, render, watch
+
+    aws = make_aws(args)
+    if args.watch:
+        status = watch(aws, args.group, args.interval)
+    else:
+        status = fleet_status(aws, args.group)
+        print(json.dumps(status.as_json(), indent=2) if args.json else render(status, sys.stdout.isatty()))
+    return 1 if status.failed else 0
+
+
+def cmd_job_cancel(args: argparse.Namespace) -> int:
+    from agent.fleet.rollout import cancel_job
+
+    aws = make_aws(args)
+    return report(aws, cancel_job(aws, args.job_id, force=args.force))
+
+
+def add_provision_command(commands: Subcommands) -> None:
+    from agent.fleet.provision import DEFAULT_POLICY_FILE, DEFAULT_POLICY_NAME
+
+    provision = commands.add_parser("provision", help="register a device: thing, certificate, policy; write its settings and credentials")
+    provision.add_argument("thing", help="thing name (also the device's MQTT client id)")
+    provision.add_argument("--group", help="thing group to add it to (created if missing)")
+    provision.add_argument("--out", type=Path, required=True, help="folder to write agent.yaml, certificate, private key and root CA to (made 0700)")
+    provision.add_argument("--device-dir", type=Path, help="where that folder will be on the device, for the paths in agent.yaml (default: --out)")
+    provision.add_argument("--trusted-key", type=Path, action="append", help="public key that signs your models, copied for the device (repeatable)")
+    provision.add_argument("--policy-name", default=DEFAULT_POLICY_NAME, help=f"IoT policy to attach, created if missing (default {DEFAULT_POLICY_NAME})")
+    provision.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE, help="policy document used when creating it (default deploy/iot/policy.json)")
+    add_aws_options(provision, changes=True)
+    provision.set_defaults(handler=cmd_provision)
+
+
+def add_release_commands(model: Subcommands) -> None:
+    """`model publish` and `model rollback`, added to the `model` group."""
+    publish = model.add_parser("publish", help="sign if needed, upload to S3, and roll out to a thing or thing group")
+    publish.add_argument("bundle", type=Path, help="bundle directory or .zip")
+    add_target_options(publish)
+    publish.add_argument("--bucket", required=True, help="S3 bucket for model artifacts (must exist)")
+    publish.add_argument("--signing-key", type=Path, default=DEFAULT_PRIVATE_KEY, help=f"Ed25519 private key (default {DEFAULT_PRIVATE_KEY})")
+    publish.add_argument("--allow-downgrade", action="store_true", help="let devices install it even if they run a newer version")
+    add_rollout_options(publish)
+    add_aws_options(publish, changes=True)
+    publish.set_defaults(handler=cmd_model_publish)
+
+    rollback = model.add_parser("rollback", help="roll a thing or group back to an already-published version")
+    add_target_options(rollback)
+    rollback.add_argument("--to", required=True, metavar="VERSION", help="the version to go back to (published earlier)")
+    rollback.add_argument("--bucket", required=True, help="S3 bucket the version was published to")
+    rollback.add_argument("--name", help="model name (default: the one model in the bucket with that version)")
+    add_rollout_options(rollback)
+    add_aws_options(rollback, changes=True)
+    rollback.set_defaults(handler=cmd_model_rollback)
+
+
+def command_group(commands: Subcommands, name: str, help_text: str) -> Subcommands:
+    """A top-level group (`edge-fleet NAME ...`) to add subcommands to."""
+    return commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True, parser_class=Parser)
+
+
+def add_fleet_commands(commands: Subcommands) -> None:
+    status = command_group(commands, "fleet", "watch the fleet").add_parser("status", help="every device's model version, last job and last seen; exit 1 if any failed")
+    status.add_argument("--group", help="only this thing group (default: every thing)")
+    status.add_argument("--watch", action="store_true", help="redraw until no job is queued or running")
+    status.add_argument("--interval", type=float, default=5.0, help="seconds between redraws (default 5)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_aws_options(status, changes=False)
+    status.set_defaults(handler=cmd_fleet_status)
+
+
+def add_job_commands(commands: Subcommands) -> None:
+    cancel = command_group(commands, "job", "manage IoT Jobs").add_parser("cancel", help="cancel a rollout job (queued executions are removed)")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--force", action="store_true", help="also cancel executions already IN_PROGRESS on devices")
+    add_aws_options(cancel, changes=True)
+    cancel.set_defaults(handler=cmd_job_cancel)

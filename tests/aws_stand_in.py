@@ -1,0 +1,78 @@
+"""moto in server mode as the AWS account the fleet tests talk to (never real AWS).
+
+One ThreadedMotoServer on a free loopback port for the session, emptied before each test. The `edge-fleet`
+processes reach it with --endpoint-url and dummy credentials, with the developer's own AWS configuration
+hidden. Device-side facts AWS would record (a job execution that FAILED with a reason) are set in moto's
+backend, standing in for the device's Jobs data-plane call, which moto does not implement.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's account
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(tmp_path_factory, monkeypatch) -> dict[str, str]:
+    """Environment for boto3 here and in CLI processes: dummy credentials, no developer config."""
+    home = tmp_path_factory.mktemp("aws-home")
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": str(home / "config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def aws(moto_server, aws_env) -> str:
+    """A fresh, empty account at the returned endpoint URL."""
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=10).read()
+    return moto_server
+
+
+def client(endpoint: str, service: str):
+    import boto3
+
+    return boto3.client(service, region_name=REGION, endpoint_url=endpoint)
+
+
+def set_job_execution(job_id: str, thing: str, status: str, details: dict[str, str] | None = None) -> None:
+    """What a device's UpdateJobExecution would leave in IoT Jobs (moto lacks the Jobs data plane)."""
+    from moto.iot.models import iot_backends
+
+    execution = iot_backends[ACCOUNT][REGION].job_executions[(job_id, thing)]
+    execution.status = status
+    execution.status_details_map = details or {}

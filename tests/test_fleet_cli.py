@@ -1,0 +1,407 @@
+"""`edge-fleet` against an AWS stand-in: moto in server mode for the IoT control plane, S3 and iot-data
+shadows, the real CLI as a process. Greengrass v2 (which moto lacks) and fleet-indexing connectivity (which
+moto fakes as always connected) are checked as recorded request/response shapes with botocore's Stubber.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from botocore.stub import ANY, Stubber
+
+from agent.bundle import open_bundle, sha256_file
+from agent.config import load_settings
+from agent.signing import verify
+from agent.updates import document_signed_bytes, parse_update
+from aws_stand_in import REGION, aws, aws_env, client, moto_server, set_job_execution  # noqa: F401 (fixtures)
+from bundle_helpers import make_bundle, other_key, test_key  # noqa: F401 (fixtures)
+from conftest import REPO, agent_env, run_cli
+
+ROLE = "arn:aws:iam::123456789012:role/edge-presign"
+
+
+def fleet(endpoint: str, *args) -> subprocess.CompletedProcess:
+    return run_cli(*args, "--endpoint-url", endpoint, env=agent_env(), program="agent.fleet")
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge-fleet: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def bucket(aws) -> str:
+    client(aws, "s3").create_bucket(Bucket="edge-models")
+    return "edge-models"
+
+
+@pytest.fixture
+def unsigned_bundle(tmp_path) -> Path:
+    return make_bundle(tmp_path / "bundle", None)
+
+
+# --- provision -----------------------------------------------------------------------------------------
+
+
+def test_provision_registers_the_thing_and_writes_a_safe_device_folder(aws, tmp_path, test_key):
+    out = tmp_path / "device-1"
+    result = fleet(aws, "provision", "device-1", "--group", "line-a", "--out", out, "--trusted-key", test_key[1])
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+
+    iot = client(aws, "iot")
+    assert iot.list_things_in_thing_group(thingGroupName="line-a")["things"] == ["device-1"]
+    [principal] = iot.list_thing_principals(thingName="device-1")["principals"]
+    assert iot.list_attached_policies(target=principal)["policies"][0]["policyName"] == "edge-agent"
+    policy = iot.get_policy(policyName="edge-agent")["policyDocument"]
+    assert "REGION" not in policy and "ACCOUNT_ID" not in policy and f"arn:aws:iot:{REGION}:123456789012:client/" in policy
+    certificate = iot.describe_certificate(certificateId=summary["certificate_id"])["certificateDescription"]
+    assert certificate["status"] == "ACTIVE"
+
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "private.pem.key").stat().st_mode) == 0o600
+    assert (out / "private.pem.key").read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    assert (out / "device.pem.crt").read_text() == certificate["certificatePem"]
+    settings = load_settings(out / "agent.yaml")
+    assert (settings.thing_name, settings.transport, settings.mqtt.endpoint) == ("device-1", "mqtt", summary["endpoint"])
+    assert summary["endpoint"].endswith(f"-ats.iot.{REGION}.amazonaws.com")
+    assert settings.mqtt.cert == (out / "device.pem.crt").resolve() and settings.mqtt.key == (out / "private.pem.key").resolve()
+    assert settings.mqtt.ca.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert [path.name for path in settings.model.trusted_keys] == [test_key[1].name]
+
+    # A second device joins the same group and shares the one policy.
+    again = fleet(aws, "provision", "device-2", "--group", "line-a", "--out", tmp_path / "device-2")
+    assert again.returncode == 0, again.stderr
+    assert sorted(iot.list_things_in_thing_group(thingGroupName="line-a")["things"]) == ["device-1", "device-2"]
+    assert len(iot.list_policies()["policies"]) == 1
+
+
+def test_provision_dry_run_prints_the_requests_and_changes_nothing(aws, tmp_path):
+    out = tmp_path / "device-1"
+    result = fleet(aws, "provision", "device-1", "--group", "line-a", "--out", out, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    operations = [request["operation"] for request in plan["requests"]]
+    assert operations == ["CreateThing", "CreateThingGroup", "AddThingToThingGroup", "CreatePolicy", "CreateKeysAndCertificate", "AttachPolicy", "AttachThingPrincipal"]
+    assert plan["requests"][0]["params"] == {"thingName": "device-1"}
+    assert plan["requests"][5]["params"] == {"policyName": "edge-agent", "target": "<certificateArn>"}
+    assert client(aws, "iot").list_things()["things"] == []
+    assert not out.exists()
+
+
+def test_provision_never_overwrites_credentials(aws, tmp_path):
+    out = tmp_path / "device-1"
+    assert fleet(aws, "provision", "device-1", "--out", out).returncode == 0
+    key = (out / "private.pem.key").read_bytes()
+    line = one_line_error(fleet(aws, "provision", "device-1", "--out", out))
+    assert "already exists" in line and "--out" in line
+    assert (out / "private.pem.key").read_bytes() == key
+
+
+def test_provision_refuses_a_thing_name_iot_would_refuse(aws, tmp_path):
+    line = one_line_error(fleet(aws, "provision", "bad/name", "--out", tmp_path / "x"))
+    assert "thing_name" in line
+
+
+# --- publish, rollback, cancel via IoT Jobs ------------------------------------------------------------------
+
+
+def publish(aws, bundle, bucket, key, *extra) -> subprocess.CompletedProcess:
+    return fleet(aws, "model", "publish", bundle, "--bucket", bucket, "--signing-key", key, "--presign-role-arn", ROLE, *extra)
+
+
+def test_publish_signs_uploads_content_addressed_and_creates_a_paced_job(aws, tmp_path, bucket, unsigned_bundle, test_key):
+    assert fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "d1").returncode == 0
+    result = publish(aws, unsigned_bundle, bucket, test_key[0], "--group", "line-a", "--base-rate-per-minute", "5", "--abort-threshold-percent", "20", "--timeout-minutes", "30")
+    assert result.returncode == 0, result.stderr
+    assert f"s3://{bucket}/models/mnist-int8/" in result.stderr  # the progress bar
+    published = json.loads(result.stdout)
+
+    # The uploaded zip: content-addressed, signed by the operator's key, the bundle left unsigned.
+    s3 = client(aws, "s3")
+    key = f"models/mnist-int8/{published['sha256']}.zip"
+    downloaded = tmp_path / "downloaded.zip"
+    s3.download_file(bucket, key, str(downloaded))
+    assert sha256_file(downloaded) == published["sha256"]
+    assert open_bundle(downloaded, trusted_keys=[test_key[1]]).signer is not None
+    assert not (unsigned_bundle / "manifest.sig").exists()
+
+    # The job: the update document as devices parse it, presigned URL placeholder, rollout/abort/timeout.
+    job = client(aws, "iot").describe_job(jobId=published["job_id"])["job"]
+    document = parse_update(json.loads(client(aws, "iot").get_job_document(jobId=published["job_id"])["document"]))
+    assert (document.name, document.version, document.sha256, document.size) == ("mnist-int8", "1.0.0", published["sha256"], downloaded.stat().st_size)
+    assert document.url == f"${{aws:iot:s3-presigned-url-v2:https://s3.{REGION}.amazonaws.com/{bucket}/{key}}}"
+    signed = document_signed_bytes(document.name, document.version, document.sha256, document.size)
+    assert verify(signed, document.signature.model_dump_json().encode(), [test_key[1]], "job") == document.signature.key_id
+    assert not document.allow_downgrade
+    assert job["targets"] == [client(aws, "iot").describe_thing_group(thingGroupName="line-a")["thingGroupArn"]]
+    assert job["presignedUrlConfig"] == {"roleArn": ROLE, "expiresInSec": 3600}
+    assert job["jobExecutionsRolloutConfig"]["exponentialRate"]["baseRatePerMinute"] == 5
+    assert job["abortConfig"]["criteriaList"][0] == {"failureType": "ALL", "action": "CANCEL", "thresholdPercentage": 20.0, "minNumberOfExecutedThings": 10}
+    assert job["timeoutConfig"] == {"inProgressTimeoutInMinutes": 30}
+
+    # Publishing the same bytes again uploads nothing (same key) but makes a new job.
+    again = publish(aws, downloaded, bucket, test_key[0], "--thing", "device-1")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["sha256"] == published["sha256"] and "s3://" not in again.stderr
+    assert [obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket)["Contents"]] == [key, "models/mnist-int8/versions/1.0.0.json"]
+
+
+def test_publish_dry_run_uploads_nothing(aws, tmp_path, bucket, unsigned_bundle, test_key):
+    assert fleet(aws, "provision", "device-1", "--out", tmp_path / "d1").returncode == 0
+    result = publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "device-1", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [request["operation"] for request in plan["requests"]] == ["PutObject", "PutObject", "CreateJob"]
+    create_job = plan["requests"][2]["params"]
+    assert json.loads(create_job["document"])["operation"] == "model-update"
+    assert create_job["targets"] == [client(aws, "iot").describe_thing(thingName="device-1")["thingArn"]]
+    assert "Contents" not in client(aws, "s3").list_objects_v2(Bucket=bucket)
+    assert client(aws, "iot").list_jobs()["jobs"] == []
+
+
+def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket, unsigned_bundle, test_key):
+    assert fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "d1").returncode == 0
+    first = json.loads(publish(aws, unsigned_bundle, bucket, test_key[0], "--group", "line-a").stdout)
+    newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.1.0"))
+    second = json.loads(publish(aws, newer, bucket, test_key[0], "--group", "line-a").stdout)
+    assert second["sha256"] != first["sha256"]
+
+    result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.0.0", "--bucket", bucket, "--presign-role-arn", ROLE)
+    assert result.returncode == 0, result.stderr
+    rollback = json.loads(result.stdout)
+    document = parse_update(json.loads(client(aws, "iot").get_job_document(jobId=rollback["job_id"])["document"]))
+    assert (document.version, document.sha256, document.allow_downgrade) == ("1.0.0", first["sha256"], True)
+    assert document.signature == parse_update(first["document"]).signature
+
+    line = one_line_error(fleet(aws, "model", "rollback", "--group", "line-a", "--to", "0.9.0", "--bucket", bucket, "--presign-role-arn", ROLE))
+    assert "0.9.0" in line and "--name" in line
+
+
+def test_job_cancel(aws, tmp_path, bucket, unsigned_bundle, test_key):
+    assert fleet(aws, "provision", "device-1", "--out", tmp_path / "d1").returncode == 0
+    job = json.loads(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "device-1").stdout)["job_id"]
+    dry = fleet(aws, "job", "cancel", job, "--dry-run")
+    assert json.loads(dry.stdout)["requests"] == [{"service": "iot", "operation": "CancelJob", "params": {"jobId": job, "reasonCode": "OPERATOR_CANCELED", "comment": "canceled by edge-fleet", "force": False}}]
+    assert client(aws, "iot").describe_job(jobId=job)["job"]["status"] != "CANCELED"
+    result = fleet(aws, "job", "cancel", job)
+    assert result.returncode == 0, result.stderr
+    assert client(aws, "iot").describe_job(jobId=job)["job"]["status"] == "CANCELED"
+
+
+# --- fleet status ------------------------------------------------------------------------------------------
+
+
+def _fleet_of_three(aws, tmp_path) -> str:
+    """device-1..3 in line-a, each reporting a model version, each with an execution of one job."""
+    for n in (1, 2, 3):
+        assert fleet(aws, "provision", f"device-{n}", "--group", "line-a", "--out", tmp_path / f"d{n}").returncode == 0
+    data = client(aws, "iot-data")
+    for n, version in ((1, "1.0.0"), (2, "1.0.0"), (3, "0.9.0")):
+        data.update_thing_shadow(thingName=f"device-{n}", payload=json.dumps({"state": {"reported": {"model": {"name": "mnist-int8", "version": version}}}}))
+    # One execution per device (moto gives a group target a single execution for the group).
+    iot = client(aws, "iot")
+    arns = [iot.describe_thing(thingName=f"device-{n}")["thingArn"] for n in (1, 2, 3)]
+    iot.create_job(jobId="update-1", targets=arns, document=json.dumps({"operation": "model-update"}))
+    return "update-1"
+
+
+def test_fleet_status_table_counts_versions_and_fails_on_a_failed_device(aws, tmp_path):
+    job = _fleet_of_three(aws, tmp_path)
+    set_job_execution(job, "device-1", "SUCCEEDED", {"version": "1.0.0"})
+    set_job_execution(job, "device-2", "SUCCEEDED", {"version": "1.0.0"})
+    ok = fleet(aws, "fleet", "status", "--group", "line-a", "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["versions"] == {"0.9.0": 1, "1.0.0": 2}
+    assert [(d["thing"], d["model_version"], d["job_status"]) for d in report["devices"]] == [
+        ("device-1", "1.0.0", "SUCCEEDED"),
+        ("device-2", "1.0.0", "SUCCEEDED"),
+        ("device-3", "0.9.0", "QUEUED"),
+    ]
+    assert all(d["last_seen"] and d["last_seen"].endswith("Z") for d in report["devices"])
+
+    set_job_execution(job, "device-3", "FAILED", {"reason": "SHA256_MISMATCH", "message": "download does not match its sha256"})
+    failed = fleet(aws, "fleet", "status", "--group", "line-a")
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stdout.splitlines()
+    assert lines[0].split() == ["THING", "MODEL", "JOB", "STATUS", "LAST", "SEEN", "REASON"]
+    assert "FAILED" in lines[3] and "SHA256_MISMATCH download does not match its sha256" in lines[3]
+    assert lines[-1] == "3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 1"
+
+
+def test_fleet_status_watch_redraws_until_the_rollout_settles(aws, tmp_path):
+    job = _fleet_of_three(aws, tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.fleet", "fleet", "status", "--group", "line-a", "--watch", "--interval", "0.2", "--endpoint-url", aws],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(), cwd=REPO,
+    )
+    try:
+        first = [process.stdout.readline() for _ in range(5)]
+        assert first[0].startswith("edge-fleet status --group line-a") and "QUEUED" in first[4]
+        for n in (1, 2, 3):
+            set_job_execution(job, f"device-{n}", "SUCCEEDED")
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    frames = ("".join(first) + rest).count("edge-fleet status --group line-a")
+    assert frames >= 2
+    assert rest.rstrip().endswith("3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 0")
+
+
+# --- errors: one line, exit 2 ------------------------------------------------------------------------------
+
+
+def test_no_credentials_is_one_line(aws, tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    line = one_line_error(fleet(aws, "fleet", "status"))
+    assert "no AWS credentials" in line and "aws configure" in line
+
+
+def test_missing_bucket_is_one_line(aws, tmp_path, unsigned_bundle, test_key):
+    assert fleet(aws, "provision", "device-1", "--out", tmp_path / "d1").returncode == 0
+    line = one_line_error(publish(aws, unsigned_bundle, "no-such-bucket", test_key[0], "--thing", "device-1"))
+    assert "HeadBucket" in line and "aws s3 mb s3://no-such-bucket" in line
+
+
+def test_unknown_thing_is_one_line(aws, bucket, unsigned_bundle, test_key):
+    line = one_line_error(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "ghost"))
+    assert "DescribeThing" in line and "edge-fleet provision ghost" in line
+
+
+def test_bad_bundle_is_one_line_before_any_upload(aws, tmp_path, bucket, test_key):
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("model.tflite", b"not a model")
+    line = one_line_error(publish(aws, broken, bucket, test_key[0], "--thing", "device-1"))
+    assert "manifest.json" in line
+    assert "Contents" not in client(aws, "s3").list_objects_v2(Bucket=bucket)
+
+
+def test_bundle_signed_by_another_key_is_refused(aws, tmp_path, bucket, test_key, other_key):
+    bundle = make_bundle(tmp_path / "b", other_key[0])
+    line = one_line_error(publish(aws, bundle, bucket, test_key[0], "--thing", "device-1"))
+    assert "untrusted key" in line
+
+
+def test_jobs_need_a_presign_role(aws, bucket, unsigned_bundle, test_key):
+    result = fleet(aws, "model", "publish", unsigned_bundle, "--bucket", bucket, "--signing-key", test_key[0], "--thing", "d")
+    assert "--presign-role-arn" in one_line_error(result)
+
+
+def test_bad_rollout_option_names_the_flag(aws, bucket, unsigned_bundle, test_key):
+    line = one_line_error(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "d", "--increment-factor", "9"))
+    assert "--increment-factor" in line
+
+
+# --- Greengrass v2 and connectivity: recorded request shapes (Stubber) ---------------------------------------
+
+
+@pytest.fixture
+def fleet_aws(aws):
+    from agent.fleet.aws import Aws, AwsOptions
+
+    return Aws(AwsOptions(region=REGION, endpoint_url=aws))
+
+
+RECIPE = {
+    "RecipeFormatVersion": "2020-01-25",
+    "ComponentName": "com.example.EdgeModel",
+    "ComponentVersion": "0.0.0",
+    "Manifests": [{"Platform": {"os": "linux"}, "Artifacts": [{"URI": "s3://placeholder/model.zip", "Unarchive": "ZIP", "Permission": {"Read": "OWNER"}}]}],
+}
+
+
+def test_greengrass_publish_makes_a_component_version_and_keeps_the_groups_other_components(fleet_aws, tmp_path, bucket, unsigned_bundle, test_key):
+    from agent.fleet.publish import prepare, upload
+    from agent.fleet.rollout import Rollout, roll_out
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(RECIPE))
+    artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket)
+    upload(fleet_aws, artifact, release)
+    group_arn = f"arn:aws:iot:{REGION}:123456789012:thinggroup/line-a"
+    rollout = Rollout(base_rate_per_minute=2)
+
+    greengrass = fleet_aws.client("greengrassv2")
+    with Stubber(greengrass) as stub:
+        expected_recipe = {**RECIPE, "ComponentVersion": "1.0.0", "Manifests": [{**RECIPE["Manifests"][0], "Artifacts": [{**RECIPE["Manifests"][0]["Artifacts"][0], "URI": f"s3://{bucket}/{release.key}"}]}]}
+        stub.add_response("create_component_version", {"componentName": "com.example.EdgeModel", "componentVersion": "1.0.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": json.dumps(expected_recipe).encode()})
+        stub.add_response("list_deployments", {"deployments": [{"deploymentId": "d-1"}]}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
+        inference = {"com.example.EdgeAgent": {"componentVersion": "2.0.0", "configurationUpdate": {"merge": "{}"}}}
+        policies = {"failureHandlingPolicy": "ROLLBACK", "componentUpdatePolicy": {"action": "NOTIFY_COMPONENTS", "timeoutInSeconds": 120}}
+        stub.add_response("get_deployment", {"deploymentId": "d-1", "components": {**inference, "com.example.EdgeModel": {"componentVersion": "0.9.0"}}, "deploymentPolicies": policies}, {"deploymentId": "d-1"})
+        stub.add_response(
+            "create_deployment",
+            {"deploymentId": "d-2", "iotJobId": "job-2"},
+            {
+                "targetArn": group_arn,
+                "deploymentName": "com.example.EdgeModel 1.0.0",
+                "components": {**inference, "com.example.EdgeModel": {"componentVersion": "1.0.0"}},
+                "deploymentPolicies": policies,
+                "iotJobConfiguration": rollout.job_configuration(),
+            },
+        )
+        result = roll_out(fleet_aws, release, group_arn, "greengrass", rollout, presign_role_arn=None, recipe=recipe, new_component=True)
+        stub.assert_no_pending_responses()
+    assert (result["deployment_id"], result["iot_job_id"]) == ("d-2", "job-2")
+    assert rollout.job_configuration()["jobExecutionsRolloutConfig"]["exponentialRate"]["baseRatePerMinute"] == 2
+
+
+def test_greengrass_rollback_redeploys_the_existing_component_version(fleet_aws, tmp_path, bucket, unsigned_bundle, test_key):
+    from agent.fleet.publish import find_release, prepare, upload
+    from agent.fleet.rollout import Rollout, roll_out
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(RECIPE))
+    artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket)
+    upload(fleet_aws, artifact, release)
+    found = find_release(fleet_aws, bucket, "1.0.0", None)
+    assert found == release
+    group_arn = f"arn:aws:iot:{REGION}:123456789012:thinggroup/line-a"
+    with Stubber(fleet_aws.client("greengrassv2")) as stub:
+        stub.add_response("list_deployments", {"deployments": []}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
+        stub.add_response("create_deployment", {"deploymentId": "d-3"}, {"targetArn": group_arn, "deploymentName": ANY, "components": {"com.example.EdgeModel": {"componentVersion": "1.0.0"}}, "deploymentPolicies": ANY, "iotJobConfiguration": ANY})
+        roll_out(fleet_aws, found, group_arn, "greengrass", Rollout(), presign_role_arn=None, recipe=recipe, new_component=False)
+        stub.assert_no_pending_responses()
+
+
+def test_greengrass_access_denied_is_one_line_naming_the_call(fleet_aws):
+    from agent.fleet.aws import CloudError
+
+    with Stubber(fleet_aws.client("greengrassv2")) as stub:
+        stub.add_client_error("list_deployments", "AccessDeniedException", "not authorized", 403)
+        with pytest.raises(CloudError) as caught:
+            fleet_aws.call("greengrassv2", "list_deployments", targetArn="arn:aws:iot:us-east-1:1:thinggroup/g")
+    assert str(caught.value) == "AWS greengrassv2 ListDeployments failed: AccessDeniedException: not authorized; check the credentials in use and that their IAM policy allows greengrassv2:ListDeployments"
+
+
+def test_status_uses_fleet_indexing_connectivity_when_enabled(fleet_aws):
+    from agent.fleet.status import connectivity
+
+    with Stubber(fleet_aws.client("iot")) as stub:
+        page = {"things": [{"thingName": "device-1", "connectivity": {"connected": False, "timestamp": 1_790_000_000_000, "disconnectReason": "CONNECTION_LOST"}}]}
+        stub.add_response("search_index", {**page, "nextToken": "t"}, {"queryString": "thingGroupNames:line-a"})
+        stub.add_response("search_index", {"things": [{"thingName": "device-2", "connectivity": {"connected": True}}]}, {"queryString": "thingGroupNames:line-a", "nextToken": "t"})
+        found = connectivity(fleet_aws, "line-a")
+        stub.add_client_error("search_index", "IndexNotReadyException", "index not enabled", 400)
+        assert connectivity(fleet_aws, "line-a") == {}
+    assert found == {"device-1": page["things"][0]["connectivity"], "device-2": {"connected": True}}
+
+
+def test_every_command_has_help():
+    for command in (("provision",), ("model", "publish"), ("model", "rollback"), ("fleet", "status"), ("job", "cancel")):
+        result = run_cli(*command, "--help", program="agent.fleet")
+        assert result.returncode == 0 and "usage: edge-fleet" in result.stdout
+        assert ("--dry-run" in result.stdout) == (command != ("fleet", "status"))
