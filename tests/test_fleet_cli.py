@@ -128,7 +128,7 @@ def test_publish_signs_uploads_content_addressed_and_creates_a_paced_job(aws, tm
 
     # The uploaded zip: content-addressed, signed by the operator's key, the bundle left unsigned.
     s3 = client(aws, "s3")
-    key = f"models/mnist-int8/{published['sha256']}.zip"
+    key = f"models/mnist-int8/{published['sha256']}/bundle.zip"
     downloaded = tmp_path / "downloaded.zip"
     s3.download_file(bucket, key, str(downloaded))
     assert sha256_file(downloaded) == published["sha256"]
@@ -315,45 +315,39 @@ def fleet_aws(aws):
     return Aws(AwsOptions(region=REGION, endpoint_url=aws))
 
 
-RECIPE = {
-    "RecipeFormatVersion": "2020-01-25",
-    "ComponentName": "com.example.EdgeModel",
-    "ComponentVersion": "0.0.0",
-    "Manifests": [{"Platform": {"os": "linux"}, "Artifacts": [{"URI": "s3://placeholder/model.zip", "Unarchive": "ZIP", "Permission": {"Read": "OWNER"}}]}],
-}
-
-
 def test_greengrass_publish_makes_a_component_version_and_keeps_the_groups_other_components(fleet_aws, tmp_path, bucket, unsigned_bundle, test_key):
     from agent.fleet.publish import prepare, upload
-    from agent.fleet.rollout import Rollout, roll_out
+    from agent.fleet.rollout import DEFAULT_RECIPE, Rollout, artifact_file_name, load_recipe, roll_out
 
-    recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps(RECIPE))
-    artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket)
+    recipe = load_recipe(DEFAULT_RECIPE)
+    artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket, artifact_file_name(recipe))
+    # The nucleus unpacks the zip to a folder named after it, which the agent component's Run script names.
+    assert release.key.endswith("/mnist-bundle.zip")
     upload(fleet_aws, artifact, release)
     group_arn = f"arn:aws:iot:{REGION}:123456789012:thinggroup/line-a"
     rollout = Rollout(base_rate_per_minute=2)
+    model = recipe["ComponentName"]
+    [manifest] = recipe["Manifests"]
+    expected_recipe = {**recipe, "ComponentVersion": "1.0.0", "Manifests": [{**manifest, "Artifacts": [{**manifest["Artifacts"][0], "Uri": f"s3://{bucket}/{release.key}"}]}]}
 
-    greengrass = fleet_aws.client("greengrassv2")
-    with Stubber(greengrass) as stub:
-        expected_recipe = {**RECIPE, "ComponentVersion": "1.0.0", "Manifests": [{**RECIPE["Manifests"][0], "Artifacts": [{**RECIPE["Manifests"][0]["Artifacts"][0], "URI": f"s3://{bucket}/{release.key}"}]}]}
-        stub.add_response("create_component_version", {"componentName": "com.example.EdgeModel", "componentVersion": "1.0.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": json.dumps(expected_recipe).encode()})
+    with Stubber(fleet_aws.client("greengrassv2")) as stub:
+        stub.add_response("create_component_version", {"componentName": model, "componentVersion": "1.0.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": json.dumps(expected_recipe).encode()})
         stub.add_response("list_deployments", {"deployments": [{"deploymentId": "d-1"}]}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
-        inference = {"com.example.EdgeAgent": {"componentVersion": "2.0.0", "configurationUpdate": {"merge": "{}"}}}
+        agent = {"com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": "{}"}}}
         policies = {"failureHandlingPolicy": "ROLLBACK", "componentUpdatePolicy": {"action": "NOTIFY_COMPONENTS", "timeoutInSeconds": 120}}
-        stub.add_response("get_deployment", {"deploymentId": "d-1", "components": {**inference, "com.example.EdgeModel": {"componentVersion": "0.9.0"}}, "deploymentPolicies": policies}, {"deploymentId": "d-1"})
+        stub.add_response("get_deployment", {"deploymentId": "d-1", "components": {**agent, model: {"componentVersion": "0.9.0"}}, "deploymentPolicies": policies}, {"deploymentId": "d-1"})
         stub.add_response(
             "create_deployment",
             {"deploymentId": "d-2", "iotJobId": "job-2"},
             {
                 "targetArn": group_arn,
-                "deploymentName": "com.example.EdgeModel 1.0.0",
-                "components": {**inference, "com.example.EdgeModel": {"componentVersion": "1.0.0"}},
+                "deploymentName": f"{model} 1.0.0",
+                "components": {**agent, model: {"componentVersion": "1.0.0"}},
                 "deploymentPolicies": policies,
                 "iotJobConfiguration": rollout.job_configuration(),
             },
         )
-        result = roll_out(fleet_aws, release, group_arn, "greengrass", rollout, presign_role_arn=None, recipe=recipe, new_component=True)
+        result = roll_out(fleet_aws, release, group_arn, "greengrass", rollout, presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=True)
         stub.assert_no_pending_responses()
     assert (result["deployment_id"], result["iot_job_id"]) == ("d-2", "job-2")
     assert rollout.job_configuration()["jobExecutionsRolloutConfig"]["exponentialRate"]["baseRatePerMinute"] == 2
@@ -361,10 +355,8 @@ def test_greengrass_publish_makes_a_component_version_and_keeps_the_groups_other
 
 def test_greengrass_rollback_redeploys_the_existing_component_version(fleet_aws, tmp_path, bucket, unsigned_bundle, test_key):
     from agent.fleet.publish import find_release, prepare, upload
-    from agent.fleet.rollout import Rollout, roll_out
+    from agent.fleet.rollout import DEFAULT_RECIPE, Rollout, roll_out
 
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps(RECIPE))
     artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket)
     upload(fleet_aws, artifact, release)
     found = find_release(fleet_aws, bucket, "1.0.0", None)
@@ -372,8 +364,9 @@ def test_greengrass_rollback_redeploys_the_existing_component_version(fleet_aws,
     group_arn = f"arn:aws:iot:{REGION}:123456789012:thinggroup/line-a"
     with Stubber(fleet_aws.client("greengrassv2")) as stub:
         stub.add_response("list_deployments", {"deployments": []}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
-        stub.add_response("create_deployment", {"deploymentId": "d-3"}, {"targetArn": group_arn, "deploymentName": ANY, "components": {"com.example.EdgeModel": {"componentVersion": "1.0.0"}}, "deploymentPolicies": ANY, "iotJobConfiguration": ANY})
-        roll_out(fleet_aws, found, group_arn, "greengrass", Rollout(), presign_role_arn=None, recipe=recipe, new_component=False)
+        components = {"com.example.EdgeAgent.MnistModel": {"componentVersion": "1.0.0"}}
+        stub.add_response("create_deployment", {"deploymentId": "d-3"}, {"targetArn": group_arn, "deploymentName": ANY, "components": components, "deploymentPolicies": ANY, "iotJobConfiguration": ANY})
+        roll_out(fleet_aws, found, group_arn, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=False)
         stub.assert_no_pending_responses()
 
 

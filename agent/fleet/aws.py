@@ -65,8 +65,11 @@ class Aws:
     @property
     def session(self):
         if self._session is None:
-            import boto3
-            import botocore.exceptions
+            try:
+                import boto3
+                import botocore.exceptions
+            except ImportError:
+                raise CloudError("boto3 is not installed; install the operator tools with `pip install 'edge-agent[fleet]'`") from None
 
             try:
                 self._session = boto3.Session(profile_name=self.options.profile, region_name=self.options.region)

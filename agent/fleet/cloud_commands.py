@@ -86,13 +86,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_model_publish(args: argparse.Namespace) -> int:
     from agent.fleet.publish import prepare, upload
-    from agent.fleet.rollout import check_engine, roll_out, target_arn
+    from agent.fleet.rollout import artifact_file_name, check_engine, load_recipe, roll_out, target_arn
 
     aws = make_aws(args)
     rollout = rollout_from(args)
     check_engine(args.via, args.presign_role_arn)
+    file_name = artifact_file_name(load_recipe(args.recipe)) if args.via == "greengrass" else "bundle.zip"
     with tempfile.TemporaryDirectory(prefix="edge-publish-") as workdir:
-        artifact, release = prepare(args.bundle, args.signing_key, Path(workdir), args.bucket)
+        artifact, release = prepare(args.bundle, args.signing_key, Path(workdir), args.bucket, file_name)
         target = target_arn(aws, args.thing, args.group)
         upload(aws, artifact, release)
     result = roll_out(

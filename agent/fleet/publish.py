@@ -2,7 +2,7 @@
 
 The bundle is zipped (reproducibly) and verified against the operator's signing key before anything goes
 to S3; an unsigned bundle is signed on a copy, never in place. The zip lands under a content-addressed key
-(`models/<name>/<sha256>.zip`), so a repeat upload is skipped and a key always means the same bytes. Beside
+(`models/<name>/<sha256>/<file name>`), so a repeat upload is skipped and a key always means the same bytes. Beside
 it goes a release record (`models/<name>/versions/<version>.json`: the signed job document's fields), which
 is how `model rollback` finds an older version's artifact without re-uploading anything.
 """
@@ -59,8 +59,11 @@ def record_key(name: str, version: str) -> str:
     return f"models/{name}/versions/{version}.json"
 
 
-def prepare(bundle: Path, signing_key: Path, workdir: Path, bucket: str) -> tuple[Path, Release]:
-    """The bundle as a signed, verified .zip in workdir, and the release it will be once in `bucket`."""
+def prepare(bundle: Path, signing_key: Path, workdir: Path, bucket: str, file_name: str = "bundle.zip") -> tuple[Path, Release]:
+    """The bundle as a signed, verified .zip in workdir, and the release it will be once in `bucket`.
+
+    `file_name` is the zip's name in S3 (a Greengrass recipe fixes it: the nucleus unpacks to a folder of that name).
+    """
     bundle = Path(bundle)
     key = load_private_key(signing_key)
     public = workdir / "signing.pub"
@@ -79,7 +82,7 @@ def prepare(bundle: Path, signing_key: Path, workdir: Path, bucket: str) -> tupl
     manifest = checked.manifest
     sha256, size = sha256_file(artifact), artifact.stat().st_size
     signature = Signature.model_validate_json(sign(document_signed_bytes(manifest.name, manifest.version, sha256, size), key))
-    release = Release(manifest.name, manifest.version, sha256, size, signature, bucket, f"models/{manifest.name}/{sha256}.zip")
+    release = Release(manifest.name, manifest.version, sha256, size, signature, bucket, f"models/{manifest.name}/{sha256}/{file_name}")
     return artifact, release
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -22,7 +22,7 @@ from agent.errors import ConfigError
 from agent.fleet.aws import Aws
 from agent.fleet.publish import Release
 
-DEFAULT_RECIPE = REPO_ROOT / "deploy" / "greengrass" / "recipes" / "com.example.EdgeModel.yaml"
+DEFAULT_RECIPE = REPO_ROOT / "deploy" / "greengrass" / "model" / "recipe.json"
 PRESIGNED_URL_SECONDS = 3600
 
 
@@ -98,26 +98,42 @@ def create_job(aws: Aws, release: Release, target: str, rollout: Rollout, presig
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
-    """The model component's recipe (YAML or JSON) from deploy/greengrass/."""
+    """The model component's recipe (JSON or YAML), deploy/greengrass/model/recipe.json by default."""
     try:
         recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"--recipe {path}: cannot read it ({exc.strerror}); pass the model component recipe from deploy/greengrass/") from None
+        raise ConfigError(f"--recipe {path}: cannot read it ({exc.strerror}); pass the model component recipe (deploy/greengrass/model/recipe.json)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--recipe {path}: not valid YAML/JSON ({' '.join(str(exc).split())})") from None
-    if not isinstance(recipe, dict) or "ComponentName" not in recipe or not recipe.get("Manifests"):
-        raise ConfigError(f"--recipe {path}: not a Greengrass recipe (needs ComponentName and Manifests)")
+    if not isinstance(recipe, dict) or "ComponentName" not in recipe or not any(_zip_artifact(m.get("Artifacts") or []) for m in recipe.get("Manifests") or []):
+        raise ConfigError(f"--recipe {path}: not a model component recipe (needs ComponentName and a manifest with an Unarchive: ZIP artifact)")
     return recipe
 
 
+def _zip_artifact(artifacts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((artifact for artifact in artifacts if str(artifact.get("Unarchive", "")).upper() == "ZIP"), None)
+
+
+def _uri_key(artifact: dict[str, Any]) -> str:
+    """Recipes spell it URI or Uri; keep the recipe's spelling."""
+    return next((key for key in artifact if key.lower() == "uri"), "URI")
+
+
+def artifact_file_name(recipe: dict[str, Any]) -> str:
+    """The file name the bundle zip must keep: the nucleus unpacks it to a folder of that name, which the
+    agent component's Run script points --model at."""
+    artifact = next(filter(None, (_zip_artifact(m.get("Artifacts") or []) for m in recipe["Manifests"])))
+    return PurePosixPath(artifact[_uri_key(artifact)]).name
+
+
 def component_recipe(recipe: dict[str, Any], release: Release) -> dict[str, Any]:
-    """The recipe for this release: its version, and every manifest's zip artifact pointing at the release."""
+    """The recipe for this release: its version, and each manifest's zip artifact pointing at the release."""
     uri = f"s3://{release.bucket}/{release.key}"
     manifests = []
     for manifest in recipe["Manifests"]:
-        artifacts = manifest.get("Artifacts") or [{"Unarchive": "ZIP"}]
-        zips = [artifact for artifact in artifacts if artifact.get("Unarchive") == "ZIP"] or artifacts[:1]
-        manifests.append({**manifest, "Artifacts": [{**artifact, "URI": uri} if artifact is zips[0] else artifact for artifact in artifacts]})
+        artifacts = list(manifest.get("Artifacts") or [])
+        bundle = _zip_artifact(artifacts)
+        manifests.append({**manifest, "Artifacts": [{**artifact, _uri_key(artifact): uri} if artifact is bundle else artifact for artifact in artifacts]})
     return {**recipe, "ComponentVersion": release.version, "Manifests": manifests}
 
 
