@@ -52,7 +52,9 @@ class DigitFinderSettings(BaseModel):
     min_contrast: float = Field(
         0.25, gt=0, lt=1, description="ink must differ from the local paper by this fraction of it"
     )
-    max_aspect: float = Field(1.6, gt=0, description="widest digit, width / height; wider marks are lines")
+    max_aspect: float = Field(
+        2.2, gt=0, description="widest digit, width / height (MNIST's widest are 2.0); wider marks are lines"
+    )
     max_fill: float = Field(0.8, gt=0, le=1, description="solid blobs filling more of their box are not digits")
     join_gap: float = Field(
         0.12, ge=0, lt=1, description="pieces closer than this fraction of their height are one digit"
@@ -111,22 +113,18 @@ def normalise_digit(ink: np.ndarray) -> np.ndarray:
         raise ValueError(f"digit crop has shape {ink.shape}, expected a non-empty 2-D array")
     values = ink.astype(np.float32) * np.float32(1 / 255) if ink.dtype == np.uint8 else ink.astype(np.float32)
     out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
-    rows = np.flatnonzero(values.max(axis=1) > 0)
-    cols = np.flatnonzero(values.max(axis=0) > 0)
-    if rows.size == 0:
+    x, y, w, h = cv2.boundingRect((values > 0).view(np.uint8))
+    if w == 0:
         return out
-    values = values[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    h, w = values.shape
     scale = MNIST_BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     # Both interpolations are weighted means, so the result stays within [0, 1] with no clipping.
-    fitted = cv2.resize(values, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    fitted = cv2.resize(values[y : y + h, x : x + w], size, interpolation=interpolation)
+    moments = cv2.moments(fitted)
     fh, fw = fitted.shape
-    mass = float(fitted.sum())
-    cy = float(fitted.sum(axis=1) @ np.arange(fh, dtype=np.float32)) / mass
-    cx = float(fitted.sum(axis=0) @ np.arange(fw, dtype=np.float32)) / mass
-    top = min(max(round(MNIST_CENTRE - cy), 0), MNIST_SIZE - fh)
-    left = min(max(round(MNIST_CENTRE - cx), 0), MNIST_SIZE - fw)
+    top = min(max(round(MNIST_CENTRE - moments["m01"] / moments["m00"]), 0), MNIST_SIZE - fh)
+    left = min(max(round(MNIST_CENTRE - moments["m10"] / moments["m00"]), 0), MNIST_SIZE - fw)
     out[top : top + fh, left : left + fw] = fitted
     return out
 
@@ -148,6 +146,22 @@ def _group(boxes: np.ndarray, gap: float) -> np.ndarray:
         if np.array_equal(merged, group):
             return group
         group = merged[merged]
+
+
+def _merge(pieces: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Boxes (x0, y0, x1, y1 arrays) of the groups of pieces, and each group's label in `group`."""
+    labels, starts = np.unique(group, return_index=True)
+    if len(labels) == len(group):  # the usual case: every piece is a digit of its own
+        x0, y0 = pieces[:, 0], pieces[:, 1]
+        return x0, y0, x0 + pieces[:, 2], y0 + pieces[:, 3], group
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.diff(group[order], prepend=-1))
+    p = pieces[order]
+    x0 = np.minimum.reduceat(p[:, 0], starts)
+    y0 = np.minimum.reduceat(p[:, 1], starts)
+    x1 = np.maximum.reduceat(p[:, 0] + p[:, 2], starts)
+    y1 = np.maximum.reduceat(p[:, 1] + p[:, 3], starts)
+    return x0, y0, x1, y1, labels
 
 
 @dataclass(frozen=True)
@@ -208,49 +222,54 @@ class DigitFinder:
             return empty
         pieces = np.array([cv2.boundingRect(c) for c in contours], np.int64)
         # Specks are dropped before grouping so that noise never glues two digits together.
-        big = np.flatnonzero(pieces[:, 3] >= max(2.0, 0.15 * min_h))
+        big = np.flatnonzero(pieces[:, 2:].max(axis=1) >= max(3.0, 0.2 * min_h))
         if len(big) == 0:
             return empty
         pieces = pieces[big]
-        groups, inverse = np.unique(_group(pieces.astype(np.float64), s.join_gap), return_inverse=True)
-        x0 = np.full(len(groups), np.iinfo(np.int64).max)
-        y0 = x0.copy()
-        x1 = np.zeros(len(groups), np.int64)
-        y1 = x1.copy()
-        np.minimum.at(x0, inverse, pieces[:, 0])
-        np.minimum.at(y0, inverse, pieces[:, 1])
-        np.maximum.at(x1, inverse, pieces[:, 0] + pieces[:, 2])
-        np.maximum.at(y1, inverse, pieces[:, 1] + pieces[:, 3])
+        group = _group(pieces.astype(np.float64), s.join_gap)
+        x0, y0, x1, y1, labels = _merge(pieces, group)
         w, h = x1 - x0, y1 - y0
         inside = (x0 > 0) & (y0 > 0) & (x1 < work_w) & (y1 < work_h)  # paper edges and frame borders
         sized = np.flatnonzero(inside & (h >= min_h) & (h <= max_h) & (w <= s.max_aspect * h))
-        x0, y0, x1, y1, w, h = x0[sized], y0[sized], x1[sized], y1[sized], w[sized], h[sized]
-        boxes = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(y0, y1, x0, x1)]
-        mass = np.array([cv2.countNonZero(mask[b]) for b in boxes], np.float64)
-        strong = np.array([cv2.minMaxLoc(ink[b])[1] >= self._strong for b in boxes], bool)
-        solid = (mass > s.max_fill * w * h) & (2 * w > h)  # an upright 1 is a solid bar, and a digit
-        # A digit stands on clean paper: the ring around its box is (nearly) free of ink. Texture (a wooden
-        # desk, cork, a patterned cloth) makes digit-sized marks too, but they are surrounded by more.
-        r = np.maximum(2, np.round(s.ring * h)).astype(np.int64)
-        rx0, ry0 = np.maximum(x0 - r, 0), np.maximum(y0 - r, 0)
-        rx1, ry1 = np.minimum(x1 + r, work_w), np.minimum(y1 + r, work_h)
-        around = np.array([cv2.countNonZero(mask[a:b, c:d]) for a, b, c, d in zip(ry0, ry1, rx0, rx1)]) - mass
-        clean = around <= s.max_surround * ((rx1 - rx0) * (ry1 - ry0) - w * h)
-        good = np.flatnonzero(strong & ~solid & clean)
-        # Ink stands out from the surface it is written on. The other polarity's false marks (the paper
-        # inside a 0, a strip of paper between a stroke and a shadow) are the surface itself. The surface
-        # is the median around the box: a digit's ink is a minority there.
-        ink_level = np.array([cv2.mean(grey[boxes[g]], mask[boxes[g]])[0] for g in good])
-        surface_level = np.array([np.median(grey[_grown(boxes[g], h[g] // 2)][::2, ::2]) for g in good])
-        if dark:
-            contrast = (surface_level - ink_level) / np.maximum(surface_level, DIMMEST_PAPER)
-        else:
-            contrast = (ink_level - surface_level) / np.maximum(ink_level, DIMMEST_PAPER)
-        stands_out = contrast >= 0.5 * s.min_contrast
-        good, contrast = good[stands_out], contrast[stands_out]
-        members = [[contours[big[j]] for j in np.flatnonzero(inverse == g)] for g in sized[good]]
-        chosen = np.stack([x0, y0, w, h], axis=1)[good].astype(np.int32)
-        return _Candidates(chosen, mass[good], contrast, members, ink, dark)
+        chosen: list[tuple[int, int, int, int]] = []
+        masses, contrasts, pieces_of = [], [], []
+        for g in sized.tolist():  # a handful of candidates, each checked with a few whole-box OpenCV calls
+            x, y, wg, hg = int(x0[g]), int(y0[g]), int(w[g]), int(h[g])
+            box = (slice(y, y + hg), slice(x, x + wg))
+            mass = cv2.countNonZero(mask[box])
+            if mass > s.max_fill * wg * hg and 2 * wg > hg:  # a solid blob (an upright 1 is a solid bar)
+                continue
+            if cv2.minMaxLoc(ink[box])[1] < self._strong:
+                continue
+            # A digit stands on clean paper: the ring around its box is (nearly) free of ink. Texture (a
+            # wooden desk, cork, a patterned cloth) makes digit-sized marks too, but they are surrounded by more.
+            ring = _grown(box, max(2, round(s.ring * hg)))
+            ring_area = (min(ring[0].stop, work_h) - ring[0].start) * (min(ring[1].stop, work_w) - ring[1].start)
+            if cv2.countNonZero(mask[ring]) - mass > s.max_surround * (ring_area - wg * hg):
+                continue
+            # Ink stands out from the surface it is written on: the pixels around the box that are not
+            # ink. The other polarity's false marks (the paper inside a 0, a strip of paper between a
+            # stroke and a shadow) are that surface itself.
+            ink_level = cv2.mean(grey[box], mask[box])[0]
+            grown = _grown(box, hg // 2)
+            surface = grey[grown][::2, ::2][mask[grown][::2, ::2] == 0]
+            if surface.size == 0:  # nothing but ink around: not a digit on a surface
+                continue
+            if dark:  # paper: the median of the surface (a shadow beside a digit is not its paper)
+                paper = float(np.partition(surface, surface.size // 2)[surface.size // 2])
+                contrast = (paper - ink_level) / max(paper, DIMMEST_PAPER)
+            else:  # chalk is brighter than nearly all the board around it; lit paper between shadows is not
+                board = float(np.partition(surface, 9 * surface.size // 10)[9 * surface.size // 10])
+                contrast = (ink_level - board) / max(ink_level, DIMMEST_PAPER)
+            if contrast < 0.5 * s.min_contrast:
+                continue
+            chosen.append((x, y, wg, hg))
+            masses.append(mass)
+            contrasts.append(contrast)
+            pieces_of.append([contours[j] for j in big[group == labels[g]]])
+        if not chosen:
+            return empty
+        return _Candidates(np.array(chosen, np.int32), np.array(masses, np.float64), np.array(contrasts), pieces_of, ink, dark)
 
     def _digits(
         self, found: list[_Candidates], keep: list[np.ndarray], factor: float, frame_size: tuple[int, int]
@@ -268,7 +287,7 @@ class DigitFinder:
         return FoundDigits(boxes=boxes, images=images, dark_ink=dark)
 
     def _ink_crop(self, cands: _Candidates, i: int) -> np.ndarray:
-        """The digit's ink as MNIST-like intensities: background 0, the body of the strokes 1."""
+        """The digit's ink as MNIST-like uint8 intensities: background 0, the body of the strokes 255."""
         x, y, w, h = (int(v) for v in cands.boxes[i])
         ink = cands.ink[y : y + h, x : x + w]
         # Only this digit's pieces (filled, grown by a pixel to keep the anti-aliased edge): a neighbour
@@ -276,11 +295,10 @@ class DigitFinder:
         own = np.zeros((h, w), np.uint8)
         cv2.drawContours(own, cands.members[i], -1, 255, thickness=cv2.FILLED, offset=(-x, -y))
         own = cv2.dilate(own, None)
-        floor = self._faint
-        inked = ink[(own > 0) & (ink > floor)]
-        body = float(np.partition(inked, 3 * inked.size // 4)[3 * inked.size // 4]) if inked.size else 255.0
-        values = (np.minimum(ink, body).astype(np.float32) - floor) * np.float32(1 / max(body - floor, 1.0))
-        return np.maximum(values, 0.0, out=values) * (own > 0)
+        inked = ink[(own > 0) & (ink > self._faint)]
+        body = int(np.partition(inked, 3 * inked.size // 4)[3 * inked.size // 4]) if inked.size else 255
+        stretched = cv2.multiply(cv2.subtract(ink, self._faint), 255.0 / max(body - self._faint, 1))
+        return cv2.bitwise_and(stretched, own)
 
 
 def _grown(box: tuple[slice, slice], by: int) -> tuple[slice, slice]:
