@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from agent.config import Settings
+from agent.errors import AgentError
 from agent.messages import SequenceCounter
 from agent.liveview import LiveViewServer
 from agent.model import LoadedModel, load_model
@@ -25,6 +26,35 @@ TRANSPORTS = {
     "mqtt": "agent.transport.mqtt:from_settings",
     "greengrass": "agent.transport.greengrass:from_settings",
 }
+# Transports whose agent runs under a supervisor with its own say (the Greengrass nucleus). Each factory
+# takes the settings and returns a Host; every other transport runs under the do-nothing Host below.
+HOSTS = {"greengrass": "agent.transport.greengrass:host_from_settings"}
+
+
+class Host:
+    """What the agent runs under. On its own: nothing, so every method does nothing. Under Greengrass:
+    the nucleus, which configures the agent, changes that configuration live, and wants to hear whether
+    the agent serves or failed (agent.transport.greengrass.NucleusHost)."""
+
+    def configure(self, settings: Settings) -> Settings:
+        """The settings to run with, given the ones from defaults, file, environment and flags."""
+        return settings
+
+    def serving(self, pipeline: Pipeline) -> None:
+        """The pipeline is built and the transport started; it serves from now on."""
+
+    def failed(self, error: AgentError) -> None:
+        """The agent is stopping on a fault it cannot get past."""
+
+    def close(self) -> None: ...
+
+
+def build_host(settings: Settings) -> Host:
+    target = HOSTS.get(settings.transport)
+    if target is None:
+        return Host()
+    module_name, factory = target.split(":")
+    return getattr(importlib.import_module(module_name), factory)(settings)
 
 
 def build_transport(settings: Settings) -> Transport:
@@ -92,13 +122,22 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
 
 def run_agent(settings: Settings) -> PipelineStats:
     """The `edge-agent run` command: serve until the source ends, max_frames, or a stop signal."""
-    sequence = SequenceCounter(settings.thing_name)
-    transport = build_transport(settings)
-    pipeline = build_pipeline(settings, transport, sequence)
-    transport.start(pipeline.status("online"))
+    host = build_host(settings)
     try:
-        with stop_on_signals(pipeline), observed(pipeline, settings):
-            return pipeline.run(settings.max_frames)
+        settings = host.configure(settings)
+        sequence = SequenceCounter(settings.thing_name)
+        transport = build_transport(settings)
+        pipeline = build_pipeline(settings, transport, sequence)
+        transport.start(pipeline.status("online"))
+        try:
+            host.serving(pipeline)
+            with stop_on_signals(pipeline), observed(pipeline, settings):
+                return pipeline.run(settings.max_frames)
+        finally:
+            pipeline.source.close()
+            transport.close(pipeline.status("offline", reason="stopped"))
+    except AgentError as error:
+        host.failed(error)
+        raise
     finally:
-        pipeline.source.close()
-        transport.close(pipeline.status("offline", reason="stopped"))
+        host.close()

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -114,6 +114,9 @@ class Pipeline:
         self.metrics_interval_s = metrics_interval_s
         self.stats = PipelineStats()
         self.observers: list[FrameObserver] = []
+        # Called on the pipeline thread before each frame is read: where live changes (settings from the
+        # Greengrass nucleus, a model swap) are applied, so a frame never sees half of one.
+        self.between_frames: list[Callable[[], None]] = []
         self._stop = threading.Event()
 
     def process(self, frame: Frame) -> InferenceResult | None:
@@ -196,6 +199,8 @@ class Pipeline:
         """Process frames until the source ends, `max_frames` is reached, or `stop()` is called."""
         next_metrics = time.monotonic() + self.metrics_interval_s
         while not self._stop.is_set() and (max_frames is None or self.stats.frames < max_frames):
+            for apply_changes in self.between_frames:
+                apply_changes()
             frame = self.source.read()
             if frame is None:
                 break

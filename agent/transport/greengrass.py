@@ -1,0 +1,351 @@
+"""IoT Core through the Greengrass nucleus, and the agent as a well-behaved Greengrass component.
+
+Two halves, each on its own IPC connection (the nucleus authenticates every connection with SVCUID):
+- `IpcLink` publishes through PublishToIoTCore; the durable outbox drives it like the MQTT5 client.
+- `NucleusHost` is the component's side of the lifecycle: the component configuration (same names as
+  the settings tree) merged over the settings at start and followed live, UpdateState RUNNING / ERRORED,
+  commands from IoT Core, and deferring a component update while a model swap is in progress.
+
+IPC callbacks run on the SDK's threads and only put events on a queue; the pipeline thread drains it
+between frames and does every IPC request itself (a request sent from inside a callback can dead-lock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable
+
+import awsiot.greengrasscoreipc
+from awscrt.exceptions import AwsCrtError
+from awsiot.eventstreamrpc import AccessDeniedError
+from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+from awsiot.greengrasscoreipc.model import (
+    QOS,
+    ComponentUpdatePolicyEvents,
+    ConfigurationUpdateEvents,
+    InvalidArgumentsError,
+    IoTCoreMessage,
+    ReportedLifecycleState,
+    UnauthorizedError,
+)
+
+from agent.app import Host, load_configured_model
+from agent.config import ModelSettings, Settings, deep_merge, validate_settings
+from agent.errors import AgentError, ConfigError, TransportError
+from agent.model import LoadedModel
+from agent.pipeline import ModelSlot, Pipeline
+from agent.sources import open_source
+from agent.topics import Topics
+from agent.transport.base import PublishRejected
+from agent.transport.outbox import open_outbox
+from agent.transport.spooled import SpooledTransport
+
+log = logging.getLogger(__name__)
+logging.getLogger("awsiot").addHandler(logging.NullHandler())  # its connect errors become our one line
+
+SOCKET_VARIABLE = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
+CONNECT_TIMEOUT_S = 10.0
+RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the nucleus asks again
+NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
+# Settings that belong to a stage the running agent cannot rebuild alone; they apply at the next start.
+RESTART_ONLY = ("thing_name", "transport", "max_frames", "mqtt", "outbox")
+MODEL_LOADING = {f"model.{name}" for name in ModelSettings.model_fields}  # a change means loading the model again
+
+
+def open_ipc(timeout_s: float) -> GreengrassCoreIPCClientV2:
+    """A connected IPC client. TransportError when this is not a component or the nucleus refuses it;
+    ConnectionError when the nucleus cannot be reached right now."""
+    try:
+        connection = awsiot.greengrasscoreipc.connect(timeout=timeout_s)
+    except KeyError as missing:
+        raise TransportError(
+            f"transport greengrass: {missing.args[0]} is not set; this transport runs only when a Greengrass nucleus "
+            "starts the agent from its recipe (use --transport mqtt or console elsewhere)"
+        ) from None
+    except AccessDeniedError:
+        raise _refused() from None
+    except AwsCrtError as error:
+        if error.name == "AWS_IO_SOCKET_CLOSED":  # the nucleus hung up on our CONNECT: it refused the token
+            raise _refused() from None
+        raise ConnectionError(f"cannot reach the Greengrass nucleus ({error.name}: {error.message})") from None
+    except FutureTimeout:
+        raise ConnectionError(f"the Greengrass nucleus did not answer the IPC handshake within {timeout_s:g} s") from None
+    # Callbacks run on this single thread, in order; they only enqueue, so one is plenty.
+    return GreengrassCoreIPCClientV2(client=connection, executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipc-events"))
+
+
+def _refused() -> TransportError:
+    return TransportError(
+        "transport greengrass: the nucleus refused the IPC connection (SVCUID is not a valid token for this component); "
+        "let the nucleus start the agent from its recipe instead of starting it by hand"
+    )
+
+
+class IpcLink:
+    """PublishToIoTCore as a Link: acknowledged once the nucleus has spooled the message for IoT Core.
+
+    A connection the nucleus dropped is reopened on the next publish; a refusal (topic not in the
+    component's accessControl) fails the message for good with PublishRejected.
+    """
+
+    def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        self._client: GreengrassCoreIPCClientV2 | None = None
+        self._connect_timeout_s = connect_timeout_s
+        self.connected = False
+        self.reconnects = 0
+
+    def connect(self, timeout_s: float) -> None:
+        self._connect_timeout_s = timeout_s
+        try:
+            self._reconnect()
+        except ConnectionError as error:
+            log.warning("%s; results wait in the outbox", error)
+
+    def _reconnect(self) -> GreengrassCoreIPCClientV2:
+        if self._client is None:
+            self._client = open_ipc(self._connect_timeout_s)
+            self.connected = True
+        return self._client
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> Future:
+        acknowledged: Future = Future()
+        try:
+            client = self._reconnect()
+            reply = client.publish_to_iot_core_async(
+                topic_name=topic, qos=QOS.AT_LEAST_ONCE if qos else QOS.AT_MOST_ONCE, payload=payload, retain=retain or None
+            )
+        except (ConnectionError, TransportError, RuntimeError, AwsCrtError) as error:
+            self._drop()
+            acknowledged.set_exception(error)
+            return acknowledged
+        reply.add_done_callback(lambda done: self._settle(acknowledged, done, topic))
+        return acknowledged
+
+    def _settle(self, acknowledged: Future, reply: Future, topic: str) -> None:
+        error = reply.exception()
+        if error is None:
+            acknowledged.set_result(None)
+        elif isinstance(error, (UnauthorizedError, InvalidArgumentsError)):
+            acknowledged.set_exception(
+                PublishRejected(
+                    f"the nucleus refused PublishToIoTCore on {topic} ({type(error).__name__}: {error.message}); "
+                    "allow the topic in the recipe's accessControl for aws.greengrass.ipc.mqttproxy or fix topics.*"
+                )
+            )
+        else:
+            if not isinstance(error, FutureTimeout):
+                self._drop()
+            acknowledged.set_exception(error)
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self.connected = False
+            self.reconnects += 1
+            client.close(executor_wait=False)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        self.connected = False
+
+
+def from_settings(settings: Settings, topics: Topics) -> SpooledTransport:
+    """Registry factory (see agent.app.TRANSPORTS): the durable outbox drained through PublishToIoTCore."""
+    return SpooledTransport(IpcLink(), topics, open_outbox(settings.outbox), settings.outbox, connect_timeout_s=CONNECT_TIMEOUT_S)
+
+
+# --- the component side --------------------------------------------------------------------------------
+
+
+def configuration_layer(value: dict[str, Any]) -> dict[str, Any]:
+    """The component configuration as a settings layer: the nucleus's own keys left out, and a null
+    meaning "not set here" (the recipe leaves device-specific paths to its Run script's flags)."""
+    layer = {}
+    for key, item in value.items():
+        if key in NOT_SETTINGS or item is None:
+            continue
+        layer[key] = configuration_layer(item) if isinstance(item, dict) else item
+    return layer
+
+
+def changed_settings(old: Settings, new: Settings) -> set[str]:
+    """Dotted names of the settings that differ ("model.score_threshold"), one level deep into sections."""
+    names = set()
+    before, after = old.model_dump(), new.model_dump()
+    for key in after:
+        if isinstance(after[key], dict):
+            names |= {f"{key}.{inner}" for inner in after[key] if after[key][inner] != before[key][inner]}
+        elif after[key] != before[key]:
+            names.add(key)
+    return names
+
+
+def _in(names: set[str], section: str) -> bool:
+    return any(name == section or name.startswith(section + ".") for name in names)
+
+
+class NucleusHost(Host):
+    """The Greengrass nucleus as the agent's supervisor (see agent.app.Host)."""
+
+    def __init__(self, client: GreengrassCoreIPCClientV2):
+        self._client = client
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._loading: Future | None = None
+        self._operations: dict[str, Any] = {}
+        self._layers: dict[str, Any] = {}
+        self._settings: Settings | None = None
+        self._pipeline: Pipeline | None = None
+
+    # -- agent.app.Host --------------------------------------------------------------------------------
+
+    def configure(self, settings: Settings) -> Settings:
+        """The component configuration merged over the settings; followed live from here on."""
+        self._layers = settings.model_dump()
+        self._subscribe("configuration", self._client.subscribe_to_configuration_update, ConfigurationUpdateEvents, key_path=[])
+        self._subscribe("component-updates", self._client.subscribe_to_component_updates, ComponentUpdatePolicyEvents)
+        self._settings = self._fetch_settings()
+        return self._settings
+
+    def serving(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        pipeline.between_frames.append(self.apply_pending)
+        self._subscribe_commands()
+        self._client.update_state(state=ReportedLifecycleState.RUNNING)
+
+    def failed(self, error: AgentError) -> None:
+        try:
+            self._client.update_state(state=ReportedLifecycleState.ERRORED)
+        except Exception as report_error:  # noqa: BLE001 -- the nucleus sees our exit code anyway
+            log.warning("could not report ERRORED to the nucleus: %s", report_error)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        for operation in self._operations.values():
+            operation.close()
+        self._client.close()
+
+    # -- IPC streams: callbacks only enqueue ------------------------------------------------------------
+
+    def _subscribe(self, name: str, subscribe: Callable, event_type: type, **request: Any) -> None:
+        def on_event(event: Any) -> None:
+            if isinstance(event, event_type):
+                self._events.put((name, event))
+
+        previous = self._operations.pop(name, None)
+        if previous is not None:
+            previous.close()
+        try:
+            _, self._operations[name] = subscribe(on_stream_event=on_event, on_stream_error=lambda error: False, **request)
+        except (UnauthorizedError, InvalidArgumentsError) as error:
+            raise TransportError(f"transport greengrass: the nucleus refused {name} ({error.message}); check the recipe's accessControl") from None
+
+    def _subscribe_commands(self) -> None:
+        """Commands are a convenience: a refused subscription is reported, and results keep flowing."""
+        topic = self._pipeline.transport.topics.commands
+        try:
+            self._subscribe("commands", self._client.subscribe_to_iot_core, IoTCoreMessage, topic_name=topic, qos=QOS.AT_LEAST_ONCE)
+        except TransportError as error:
+            log.warning("no commands will be received: %s", error)
+
+    # -- the pipeline thread --------------------------------------------------------------------------
+
+    def apply_pending(self) -> None:
+        """Between two frames: apply what the nucleus sent since the last frame, and a loaded model.
+
+        A configuration change goes first, so an update announced with it sees the model swap it starts."""
+        if self._loading is not None and self._loading.done():
+            self._finish_model_swap()
+        events: dict[str, list] = {"configuration": [], "component-updates": [], "commands": []}
+        while not self._events.empty():
+            kind, event = self._events.get()
+            events[kind].append(event)
+        if events["configuration"]:
+            self._reconfigure()  # one fetch however many keys a deployment changed
+        for event in events["component-updates"]:
+            self._answer_component_update(event)
+        for event in events["commands"]:
+            self._command(event.message.payload)
+
+    def _fetch_settings(self) -> Settings:
+        value = self._client.get_configuration(key_path=[]).value or {}
+        return validate_settings(deep_merge(self._layers, configuration_layer(value)), origin="component configuration")
+
+    def _reconfigure(self) -> None:
+        try:
+            new = self._fetch_settings()
+            Topics.for_thing(new.topics, new.thing_name)
+        except ConfigError as error:
+            log.warning("configuration update not applied: %s", error)
+            return
+        old, self._settings = self._settings, new
+        changed = changed_settings(old, new)
+        pipeline = self._pipeline
+        pipeline.score_threshold = new.model.score_threshold
+        pipeline.publish_empty = new.publish_empty
+        pipeline.metrics_interval_s = new.metrics_interval_s
+        if _in(changed, "topics"):
+            pipeline.transport.topics = Topics.for_thing(new.topics, new.thing_name)
+            self._subscribe_commands()
+        if _in(changed, "vision"):
+            pipeline.slot = ModelSlot(pipeline.slot.active.model, new.vision)
+        if (changed & MODEL_LOADING) - {"model.score_threshold"}:
+            self._start_model_swap(new)
+        if _in(changed, "source"):
+            pipeline.source.close()
+            pipeline.source = open_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
+        later = sorted(name for name in changed if any(_in({name}, stage) for stage in RESTART_ONLY))
+        if later:
+            log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
+
+    def _start_model_swap(self, settings: Settings) -> None:
+        """Load and check the new model off the pipeline thread; it goes into service between two frames."""
+        if self._loading is not None:
+            self._loading.cancel()
+        self._loading = self._loader.submit(load_configured_model, settings)
+
+    def _finish_model_swap(self) -> None:
+        loading, self._loading = self._loading, None
+        try:
+            model: LoadedModel = loading.result()
+        except AgentError as error:
+            log.warning("model not swapped, still serving %s: %s", self._pipeline.slot.active.ref.version, error)
+            self._pipeline.transport.publish(self._pipeline.status("degraded", reason=str(error)))
+            return
+        self._pipeline.slot.swap(model)
+        self._pipeline.transport.publish(self._pipeline.status("online"))
+
+    def _answer_component_update(self, event: ComponentUpdatePolicyEvents) -> None:
+        """Defer a restart while a model is loading; otherwise tell the nucleus to go ahead now."""
+        pending = event.pre_update_event
+        if pending is None:
+            return
+        if self._loading is not None:
+            self._client.defer_component_update(deployment_id=pending.deployment_id, message="model swap in progress", recheck_after_ms=RECHECK_AFTER_MS)
+        else:
+            self._client.defer_component_update(deployment_id=pending.deployment_id, recheck_after_ms=0)
+
+    def _command(self, payload: bytes) -> None:
+        """Commands on topics.commands: {"command": "status"} republishes the status message now."""
+        try:
+            command = json.loads(payload).get("command")
+        except (ValueError, AttributeError):
+            command = None
+        if command == "status":
+            self._pipeline.transport.publish(self._pipeline.status("online"))
+        else:
+            log.warning("ignored a command that is not {\"command\": \"status\"}: %.80r", payload)
+
+
+def host_from_settings(settings: Settings) -> NucleusHost:
+    """Registry factory (see agent.app.HOSTS): connects to the nucleus or fails with one clear line."""
+    try:
+        return NucleusHost(open_ipc(CONNECT_TIMEOUT_S))
+    except ConnectionError as error:
+        raise TransportError(f"transport greengrass: {error}; check that the nucleus is running and started this agent") from None

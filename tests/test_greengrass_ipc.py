@@ -1,0 +1,232 @@
+"""The agent as a Greengrass component, run the way the nucleus runs it, against a nucleus speaking IPC.
+
+Each test starts the recipe's own Run script (recipe variables substituted) with only the nucleus's
+environment variables, in a fresh {work:path}. The Install step is not run: {work:path}/venv is a link to
+this project's .venv, which is what Install would build (the same wheel and pinned dependencies), so
+the tests need no network and take seconds. The model component's {artifacts:decompressedPath} is a
+temporary folder holding the shipped bundle zipped as build.py zips it, and unzipped, as the nucleus does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from agent.fleet.packing import sign_bundle, write_manifest, write_zip
+from agent.signing import generate_key
+from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE
+from ipc_server import IpcServer, merge_configuration
+
+RECIPE = json.loads((REPO / "deploy" / "greengrass" / "recipe.json").read_text())
+MODEL_COMPONENT = "com.example.EdgeAgent.MnistModel"
+THING = "cam-1"
+INFERENCE, STATUS, COMMANDS = f"edge/{THING}/inference", f"edge/{THING}/status", f"edge/{THING}/commands"
+RESULT_SCHEMA = json.loads((REPO / "agent" / "schemas" / "inference-result.schema.json").read_text())
+
+
+def interpolate(script: str, variables: dict[str, object]) -> str:
+    """Recipe variables replaced like the nucleus does; a variable the test does not know is an error."""
+    for name, value in variables.items():
+        script = script.replace("{" + name + "}", str(value))
+    left = re.findall(r"\{[^{}\s]+\}", script)
+    assert not left, f"recipe variables the test nucleus does not know: {left}"
+    return script
+
+
+def model_component(root: Path, bundle: Path) -> Path:
+    """A model component version as the nucleus lays it out: its zip unpacked under decompressedPath."""
+    decompressed = root / "artifacts-unarchived"
+    root.mkdir(parents=True)
+    archive = root / "mnist-bundle.zip"
+    write_zip(bundle, archive)  # what build.py ships as the model component's artifact
+    with zipfile.ZipFile(archive) as unzip:
+        unzip.extractall(decompressed / "mnist-bundle")
+    return decompressed
+
+
+@dataclass
+class Component:
+    nucleus: IpcServer
+    process: subprocess.Popen
+    work: Path
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        _, stderr = self.process.communicate(timeout=timeout)
+        return self.process.returncode, stderr
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as the nucleus stops a component."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.finish()
+
+    def results(self, topic: str = INFERENCE) -> list[dict]:
+        return [message.json() for message in self.nucleus.published_to(topic)]
+
+
+@pytest.fixture
+def greengrass(tmp_path):
+    """start(configuration) -> a running component; everything is stopped at the end of the test."""
+    started: list[Component] = []
+    nucleus = IpcServer(tmp_path / "ipc.socket", thing_name=THING).start()
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copy2(REPO / "models" / "keys" / "dev-signing.pub", artifacts / "model-signing.pub")
+    model = model_component(tmp_path / "model-0", SHIPPED_BUNDLE)
+
+    def start(configuration: dict, auth_token: str | None = None) -> Component:
+        nucleus.configuration = merge_configuration(RECIPE["ComponentConfiguration"]["DefaultConfiguration"], configuration)
+        work = tmp_path / f"work-{len(started)}"
+        work.mkdir()
+        (work / "venv").symlink_to(REPO / ".venv", target_is_directory=True)
+        script = interpolate(
+            RECIPE["Manifests"][0]["Lifecycle"]["Run"]["Script"],
+            {"artifacts:path": artifacts, "work:path": work, "iot:thingName": THING, f"{MODEL_COMPONENT}:artifacts:decompressedPath": model},
+        )
+        env = nucleus.component_env(auth_token)
+        process = subprocess.Popen(["sh", "-c", script], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started.append(Component(nucleus, process, work))
+        return started[-1]
+
+    yield start
+    for component in started:
+        if component.process.poll() is None:
+            component.process.kill()
+            component.process.communicate()
+    nucleus.stop()
+
+
+def sample(**source) -> dict:
+    return {"source": {"spec": str(SAMPLE_VIDEO), **source}}
+
+
+def test_results_reach_iot_core_through_publish_to_iot_core(greengrass):
+    component = greengrass({**sample(), "max_frames": 40})
+    code, stderr = component.finish()
+    assert code == 0, stderr
+    nucleus = component.nucleus
+    assert nucleus.states[0] == "RUNNING"
+    results = nucleus.published_to(INFERENCE)
+    assert results, "no results were published"
+    assert {message.qos for message in results} == {"1"}
+    for message in results:
+        jsonschema.validate(message.json(), RESULT_SCHEMA)
+        assert message.json()["thing_name"] == THING
+    statuses = [message for message in nucleus.published_to(STATUS)]
+    assert [s.json()["state"] for s in statuses] == ["online", "offline"] and all(s.retain for s in statuses)
+    assert COMMANDS in nucleus.subscriptions
+    assert not nucleus.denied, "the recipe's accessControl must allow every topic the agent uses by default"
+
+
+def test_configuration_change_applies_without_restart(greengrass):
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: len(nucleus.published_to(INFERENCE)) >= 3)
+    policies = nucleus.configuration["accessControl"]["aws.greengrass.ipc.mqttproxy"]
+    # The deployment that moves the topics allows the new ones too; the old stay allowed for what is in flight.
+    moved = {name: {**policy, "resources": policy["resources"] + [r.replace("edge/", "plant7/") for r in policy["resources"]]} for name, policy in policies.items()}
+    nucleus.update_configuration({"topics": {"prefix": "plant7"}, "model": {"score_threshold": 1.0}, "publish_empty": True, "accessControl": {"aws.greengrass.ipc.mqttproxy": moved}})
+    nucleus.wait_for(lambda: len(nucleus.published_to(f"plant7/{THING}/inference")) >= 3)
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    before, after = component.results(), component.results(f"plant7/{THING}/inference")
+    assert {r["run_id"] for r in before} == {r["run_id"] for r in after}, "the agent restarted instead of applying the change"
+    assert all(r["predictions"] for r in before)
+    assert all(r["predictions"] == [] for r in after), "int8 scores top out at 255/256: nothing reaches a threshold of 1.0"
+    assert f"plant7/{THING}/commands" in nucleus.subscriptions
+    assert not nucleus.denied
+
+
+@pytest.fixture
+def model_1_0_1(tmp_path) -> tuple[Path, Path]:
+    """A new model component version: the shipped bundle re-versioned 1.0.1 and signed with a test key."""
+    bundle = tmp_path / "bundle-1.0.1"
+    shutil.copytree(SHIPPED_BUNDLE, bundle)
+    fields = json.loads((bundle / "manifest.json").read_text())
+    fields.pop("files")
+    write_manifest(bundle, {**fields, "version": "1.0.1"})
+    generate_key(tmp_path / "test-signing.key", tmp_path / "test-signing.pub")
+    sign_bundle(bundle, tmp_path / "test-signing.key")
+    return model_component(tmp_path / "model-1", bundle) / "mnist-bundle", tmp_path / "test-signing.pub"
+
+
+def test_new_model_version_swaps_live_and_defers_restarts_meanwhile(greengrass, model_1_0_1):
+    new_bundle, test_key = model_1_0_1
+    component = greengrass(sample(loop=True, pace_fps=4))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results())
+    shipped_version = component.results()[0]["model"]["version"]
+    trusted = [str(REPO / "models" / "keys" / "dev-signing.pub"), str(test_key)]
+    nucleus.update_configuration({"model": {"bundle": str(new_bundle), "trusted_keys": trusted}})
+    nucleus.announce_component_update("deployment-1")  # arrives while the new model loads
+    nucleus.wait_for(lambda: any(r["model"]["version"] == "1.0.1" for r in component.results()))
+    nucleus.announce_component_update("deployment-2")  # nothing in progress now
+    nucleus.wait_for(lambda: len(nucleus.deferrals) == 2)
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    versions = [r["model"]["version"] for r in component.results()]
+    assert versions[0] == shipped_version != "1.0.1"
+    assert versions[versions.index("1.0.1") :] == ["1.0.1"] * (len(versions) - versions.index("1.0.1")), "a frame went back to the old model"
+    assert len({r["run_id"] for r in component.results()}) == 1
+    first, second = nucleus.deferrals
+    assert (first.deployment_id, first.message) == ("deployment-1", "model swap in progress") and first.recheck_after_ms > 0
+    assert (second.deployment_id, second.recheck_after_ms) == ("deployment-2", 0)
+    assert any(m.json()["state"] == "online" and m.json()["model"]["version"] == "1.0.1" for m in nucleus.published_to(STATUS))
+
+
+def test_bad_auth_token_is_one_clear_line_and_nonzero_exit(greengrass):
+    component = greengrass(sample(), auth_token="not-the-component-token")
+    code, stderr = component.finish()
+    assert code == 2
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+    assert "refused the IPC connection" in stderr and "SVCUID" in stderr
+    assert component.nucleus.connects == [False] and not component.nucleus.published
+
+
+def test_access_denial_is_reported_not_retried(greengrass):
+    component = greengrass({**sample(), "max_frames": 40, "topics": {"inference": "{prefix}/{thing}/results"}})
+    code, stderr = component.finish()
+    assert code == 0, stderr
+    denied = [payload for operation, topic, payload in component.nucleus.denied if topic == f"edge/{THING}/results"]
+    assert denied, "the results topic outside accessControl should have been refused"
+    ids = [json.loads(payload)["message_id"] for payload in denied]
+    assert len(ids) == len(set(ids)), "a refused message was sent again"
+    assert f"refused PublishToIoTCore on edge/{THING}/results" in stderr and "accessControl" in stderr
+    assert [m.json()["state"] for m in component.nucleus.published_to(STATUS)] == ["online", "offline"]
+
+
+def test_fatal_fault_at_start_reports_errored(greengrass, tmp_path):
+    component = greengrass({"source": {"spec": str(tmp_path / "gone.avi")}})
+    code, stderr = component.finish()
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"edge-agent: source {tmp_path / 'gone.avi'}: no such video file")
+    assert component.nucleus.states == ["ERRORED"]
+
+
+def test_source_gone_for_good_while_serving_reports_errored(greengrass, tmp_path):
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: nucleus.states == ["RUNNING"] and component.results())
+    nucleus.update_configuration({"source": {"spec": str(tmp_path / "unplugged.avi")}})
+    code, stderr = component.finish()
+    assert code == 2 and "Traceback" not in stderr
+    assert "unplugged.avi: no such video file" in stderr.strip().splitlines()[-1]
+    assert nucleus.states == ["RUNNING", "ERRORED"]
+
+
+def test_status_command_from_iot_core(greengrass):
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: COMMANDS in nucleus.subscriptions and nucleus.published_to(STATUS))
+    assert nucleus.push_iot_core_message(COMMANDS, b'{"command": "status"}') == 1
+    nucleus.wait_for(lambda: len(nucleus.published_to(STATUS)) >= 2)
+    component.stop()
+    assert [m.json()["state"] for m in nucleus.published_to(STATUS)][:2] == ["online", "online"]
