@@ -150,7 +150,7 @@ def _group(boxes: np.ndarray, gap: float) -> np.ndarray:
 
 def _merge(pieces: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, ...]:
     """Boxes (x0, y0, x1, y1 arrays) of the groups of pieces, and each group's label in `group`."""
-    labels, starts = np.unique(group, return_index=True)
+    labels = np.unique(group)
     if len(labels) == len(group):  # the usual case: every piece is a digit of its own
         x0, y0 = pieces[:, 0], pieces[:, 1]
         return x0, y0, x0 + pieces[:, 2], y0 + pieces[:, 3], group
