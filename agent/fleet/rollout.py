@@ -12,7 +12,7 @@ import json
 import re
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.config import REPO_ROOT
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
-from agent.fleet.publish import Release
+
+if TYPE_CHECKING:  # publish pulls in the device-side update code; `--help` should not
+    from agent.fleet.publish import Release
 
 DEFAULT_RECIPE = REPO_ROOT / "deploy" / "greengrass" / "model" / "recipe.json"
 PRESIGNED_URL_SECONDS = 3600
