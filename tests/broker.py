@@ -189,6 +189,69 @@ class Mosquitto:
         self.stop()
 
 
+class Cable:
+    """A TCP forwarder between the device and the broker that a test can cut and restore: a flaky link.
+
+    Cut, the device's connections are reset and new ones refused, exactly as if the broker went away, while
+    the observer (connected to the broker directly) misses nothing.
+    """
+
+    def __init__(self, broker: Mosquitto):
+        self.broker = broker
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def restore(self) -> "Cable":
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen()
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        with self._lock:
+            server, self._server = self._server, None
+            doomed, self._sockets = self._sockets, []
+        if server:
+            server.close()
+        for sock in doomed:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            sock.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                device, _ = server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.broker.port))
+            except OSError:
+                return
+            with self._lock:
+                if self._server is not server:
+                    device.close()
+                    upstream.close()
+                    return
+                self._sockets += [device, upstream]
+            for source, sink in ((device, upstream), (upstream, device)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 @dataclass
 class Received:
     topic: str
@@ -206,6 +269,7 @@ class Observer:
         self._filters: list[str] = []
         self._changed = threading.Condition()
         self._connected = threading.Event()
+        self._ready = threading.Event()
         from awsiot import mqtt5_client_builder
 
         self.client = mqtt5_client_builder.mtls_from_path(
@@ -216,14 +280,11 @@ class Observer:
             port=broker.port,
             client_id=client_id,
             extended_validation_and_flow_control_options=mqtt5.ExtendedValidationAndFlowControlOptions.NONE,
-            # A persistent session (the broker keeps it through a restart) so nothing is missed while away.
-            session_behavior=mqtt5.ClientSessionBehaviorType.REJOIN_POST_SUCCESS,
-            session_expiry_interval_sec=3600,
-            min_reconnect_delay_ms=100,
-            max_reconnect_delay_ms=500,
+            min_reconnect_delay_ms=20,
+            max_reconnect_delay_ms=200,
             on_publish_received=self._on_message,
             on_lifecycle_connection_success=self._on_connected,
-            on_lifecycle_disconnection=lambda data: self._connected.clear(),
+            on_lifecycle_disconnection=self._on_disconnected,
         )
 
     def __enter__(self) -> "Observer":
@@ -258,11 +319,22 @@ class Observer:
     def _subscribe(self, topic_filter: str) -> Future:
         return self.client.subscribe(mqtt5.SubscribePacket(subscriptions=[mqtt5.Subscription(topic_filter=topic_filter, qos=mqtt5.QoS.AT_LEAST_ONCE)]))
 
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Until connected and subscribed again (after a broker restart, before letting the device back in)."""
+        assert self._ready.wait(timeout_s), "observer did not reconnect and resubscribe"
+
     def _on_connected(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
-        if not data.connack_packet.session_present:
-            for topic_filter in self._filters:
-                self._subscribe(topic_filter)
+        # Mosquitto 2.0.11 does not restore sessions of certificate-named clients after a restart: resubscribe.
+        pending = [self._subscribe(topic_filter) for topic_filter in self._filters]
+        if pending:
+            pending[-1].add_done_callback(lambda f: self._ready.set())
+        else:
+            self._ready.set()
         self._connected.set()
+
+    def _on_disconnected(self, data) -> None:
+        self._connected.clear()
+        self._ready.clear()
 
     def _on_message(self, data: mqtt5.PublishReceivedData) -> None:
         packet = data.publish_packet

@@ -22,7 +22,7 @@ from agent.messages import InferenceResult, MetricsMessage, SequenceCounter, Sta
 from agent.schemas import schema_documents
 from agent.topics import Topics
 from agent.transport import mqtt
-from broker import Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
+from broker import Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
 from conftest import REPO, agent_env, run_cli
 
 pytestmark = pytest.mark.broker
@@ -37,10 +37,10 @@ def device(pki):
     return pki.client(THING)
 
 
-def agent_command(broker: Mosquitto, device, *args: str) -> list[str]:
+def agent_command(broker: Mosquitto, device, *args: str, port: int | None = None) -> list[str]:
     return [
         sys.executable, "-m", "agent", "run", "--transport", "mqtt", "--thing-name", THING,
-        "--endpoint", "127.0.0.1", "--port", str(broker.port),
+        "--endpoint", "127.0.0.1", "--port", str(port or broker.port),
         "--cert", str(device.cert), "--key", str(device.key), "--ca", str(broker.pki.ca.path), *args,
     ]  # fmt: skip
 
@@ -61,12 +61,13 @@ def run_agent(broker, device, outbox: Path, *args: str, timeout: float = 60) -> 
     return done
 
 
-def start_agent(broker, device, outbox: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(agent_command(broker, device, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=agent_environment(outbox), cwd=REPO)
+def start_agent(broker, device, outbox: Path, *args: str, port: int | None = None) -> subprocess.Popen:
+    return subprocess.Popen(agent_command(broker, device, *args, port=port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=agent_environment(outbox), cwd=REPO)
 
 
-def results_count(done: subprocess.CompletedProcess) -> int:
-    return json.loads(done.stderr.strip().splitlines()[-1])["results"]
+def results_count(stderr: str) -> int:
+    """What `edge-agent run` says it produced (its last stderr line)."""
+    return json.loads(stderr.strip().splitlines()[-1])["results"]
 
 
 def payloads(messages, topic: str) -> list[dict]:
@@ -77,10 +78,19 @@ def frames_of(messages) -> set[tuple[str, int]]:
     return {(p["run_id"], p["frame"]) for p in payloads(messages, INFERENCE)}
 
 
+def assert_every_result_arrives(agent: subprocess.Popen, observer: Observer) -> None:
+    """The agent finishes cleanly, and the subscriber has one result per result the agent says it produced."""
+    _, stderr = agent.communicate(timeout=60)
+    assert agent.returncode == 0, stderr
+    expected = results_count(stderr)
+    messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
+    assert len(frames_of(messages)) == expected, stderr
+
+
 def test_results_arrive_on_their_topic_at_qos1_matching_the_schema(mosquitto, observer, device, tmp_path):
     observer.subscribe(f"edge/{THING}/#")
     done = run_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "30")
-    expected = results_count(done)
+    expected = results_count(done.stderr)
     assert expected > 0
     messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
     results = [m for m in messages if m.topic == INFERENCE]
@@ -121,36 +131,42 @@ def test_status_is_retained_and_the_will_says_offline_when_the_agent_is_killed(m
         agent.wait()
 
 
-def test_broker_down_at_start_then_up(mosquitto, observer, device, tmp_path):
+@pytest.fixture
+def cable(mosquitto) -> Cable:
+    """The device's way to the broker, which the test can cut: the observer stays connected throughout."""
+    link = Cable(mosquitto).restore()
+    yield link
+    link.cut()
+
+
+def test_broker_down_at_start_then_up(mosquitto, observer, cable, device, tmp_path):
     observer.subscribe(INFERENCE)
+    cable.cut()
     mosquitto.stop()
-    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "40", "--pace-fps", "20")
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "40", "--pace-fps", "20", port=cable.port)
     try:
         time.sleep(1.0)
         assert agent.poll() is None, agent.stderr.read()
         mosquitto.start()
-        _, stderr = agent.communicate(timeout=60)
-        assert agent.returncode == 0, stderr
-        expected = json.loads(stderr.strip().splitlines()[-1])["results"]
-        messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
-        assert len(frames_of(messages)) == expected
+        observer.wait_ready()
+        cable.restore()
+        assert_every_result_arrives(agent, observer)
     finally:
         agent.kill()
         if mosquitto.process is None:
             mosquitto.start()
 
 
-def test_broker_restarted_mid_run_loses_nothing(mosquitto, observer, device, tmp_path):
+def test_broker_restarted_mid_run_loses_nothing(mosquitto, observer, cable, device, tmp_path):
     observer.subscribe(INFERENCE)
-    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "60", "--pace-fps", "20")
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "60", "--pace-fps", "20", port=cable.port)
     try:
         observer.wait_for(lambda ms: len(ms) >= 5)
+        cable.cut()  # the device sees its connection reset, then refused, as when the broker restarts
         mosquitto.restart()
-        _, stderr = agent.communicate(timeout=60)
-        assert agent.returncode == 0, stderr
-        expected = json.loads(stderr.strip().splitlines()[-1])["results"]
-        messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
-        assert len(frames_of(messages)) == expected
+        observer.wait_ready()
+        cable.restore()
+        assert_every_result_arrives(agent, observer)
     finally:
         agent.kill()
 
@@ -181,6 +197,7 @@ def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquit
     run_id = killed_run[0]["run_id"]
     last_sequence = max(p["sequence"] for p in killed_run)
     mosquitto.start()
+    observer.wait_ready()
     run_agent(mosquitto, device, outbox, "--max-frames", "1")
     messages = observer.wait_for(lambda ms: {p["sequence"] for p in payloads(ms, INFERENCE) if p["run_id"] == run_id} >= set(range(2, last_sequence + 1)))
     received = {p["sequence"] for p in payloads(messages, INFERENCE) if p["run_id"] == run_id}
