@@ -162,6 +162,7 @@ def test_publish_dry_run_uploads_nothing(aws, tmp_path, bucket, unsigned_bundle,
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [request["operation"] for request in plan["requests"]] == ["PutObject", "PutObject", "CreateJob"]
+    assert json.loads(plan["requests"][1]["params"]["Body"])["version"] == "1.0.0"  # the release record, as text
     create_job = plan["requests"][2]["params"]
     assert json.loads(create_job["document"])["operation"] == "model-update"
     assert create_job["targets"] == [client(aws, "iot").describe_thing(thingName="device-1")["thingArn"]]

@@ -9,7 +9,6 @@ printed plan is exactly what a real run would send to this account.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -165,7 +164,3 @@ class Aws:
         except bx.BotoCoreError as exc:
             raise CloudError(f"AWS {service} {operation}: {' '.join(str(exc).split())}") from None
 
-
-def plan_json(aws: Aws) -> str:
-    """The requests a dry run held back, as the JSON the CLI prints."""
-    return json.dumps(aws.planned, indent=2, default=str)

@@ -40,8 +40,18 @@ def report(aws, result: dict[str, Any]) -> int:
     """Print a command's result (or, in a dry run, the requests held back and what would have come of them)."""
     if aws.options.dry_run:
         result = {"dry_run": True, "requests": aws.planned, "result": result}
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=_printable))
     return 0
+
+
+def _printable(value: Any) -> str:
+    """Request bodies as their text (the release record is JSON), anything else as str()."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"<{len(value)} bytes>"
+    return str(value)
 
 
 def add_rollout_options(parser: argparse.ArgumentParser) -> None:
@@ -58,14 +68,15 @@ def add_rollout_options(parser: argparse.ArgumentParser) -> None:
 
 
 def rollout_from(args: argparse.Namespace):
-    from agent.config import describe_validation_error
     from agent.fleet.rollout import Rollout
 
     values = {name: getattr(args, "rollout_" + name) for name in Rollout.model_fields if getattr(args, "rollout_" + name) is not None}
     try:
         return Rollout.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, "rollout option").replace("option ", "option --").replace("_", "-")) from None
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise ConfigError(f"{flag}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,9 +78,9 @@ def target_arn(aws: Aws, thing: str | None, group: str | None) -> str:
 
 
 def job_id(release: Release) -> str:
-    """A unique, readable job id: model-<name>-<version>-<utc time> (job ids allow [a-zA-Z0-9_-], 64 chars)."""
+    """A unique, readable job id: model-<name>-<version>-<utc time>-<random> ([a-zA-Z0-9_-], 64 chars at most)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return re.sub(r"[^a-zA-Z0-9_-]", "_", f"model-{release.name}-{release.version}")[:46] + "-" + stamp
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", f"model-{release.name}-{release.version}")[:41] + f"-{stamp}-{secrets.token_hex(2)}"
 
 
 def create_job(aws: Aws, release: Release, target: str, rollout: Rollout, presign_role_arn: str, *, allow_downgrade: bool = False, continuous: bool = False) -> dict[str, Any]:
