@@ -173,6 +173,19 @@ def test_blank_paper_paper_edges_lines_and_blobs_are_not_digits():
     assert found.boxes.shape == (0, 4) and found.images.shape == (0, 28, 28)
 
 
+@pytest.mark.parametrize("grain", [2.0, 4.0, 8.0])
+def test_texture_is_not_digits(mnist, grain):
+    """A camera pointed at a patterned surface (fabric, wood, a carpet) sees digit-sized marks everywhere;
+    none is a digit. A digit on paper beside it still is."""
+    images, _ = mnist
+    rng = np.random.default_rng(3)
+    texture = cv2.GaussianBlur(rng.standard_normal((480, 640)).astype(np.float32), (0, 0), grain)
+    frame = 128 + 40 * texture / texture.std()
+    frame[:, 400:] = paper()[:, 400:]
+    box = write(frame, images[0], 470, 180, 80)
+    assert_found(DigitFinder().find(to_bgr(frame)), [box])
+
+
 def test_boxes_are_in_frame_pixels_at_any_resolution(mnist):
     frame = paper()
     boxes, _ = three_digits(mnist, frame)

@@ -10,8 +10,8 @@ How digits are found, and why:
   pixel, and ink is how much darker than that paper a pixel is, as a fraction of it. Chalk on a board is
   the mirror image (an opening, and lighter instead of darker).
 - A digit is faint ink around strong ink (hysteresis), its pieces close together are one digit, and it
-  is digit-sized, not touching the frame (paper edges), not a long line or a solid blob, and stands
-  alone on clean surface (texture does not).
+  is digit-sized, not touching the frame (paper edges), not a long line or a solid blob, and its ink
+  stands out from the surface around it (the median of the pixels around it that are not ink).
 - With polarity "auto" both kinds are looked for, so a frame may hold paper and a board. Each polarity
   makes false marks of the other kind (the paper inside a 0, a strip of paper between a stroke and a
   shadow); they are the surface itself, so they do not stand out from the median around them, and where
@@ -58,10 +58,6 @@ class DigitFinderSettings(BaseModel):
     max_fill: float = Field(0.8, gt=0, le=1, description="solid blobs filling more of their box are not digits")
     join_gap: float = Field(
         0.12, ge=0, lt=1, description="pieces closer than this fraction of their height are one digit"
-    )
-    ring: float = Field(0.25, gt=0, lt=1, description="width of the ring around a digit that must be clean, x its height")
-    max_surround: float = Field(
-        0.03, ge=0, le=1, description="fraction of that ring that may be ink (texture is surrounded by more)"
     )
     work_width: int = Field(320, ge=64, description="frames wider than this are downscaled for finding")
     max_digits: int = Field(16, ge=1, description="keep at most this many digits (the inkiest) per frame")
@@ -240,12 +236,6 @@ class DigitFinder:
             if mass > s.max_fill * wg * hg and 2 * wg > hg:  # a solid blob (an upright 1 is a solid bar)
                 continue
             if cv2.minMaxLoc(ink[box])[1] < self._strong:
-                continue
-            # A digit stands on clean paper: the ring around its box is (nearly) free of ink. Texture (a
-            # wooden desk, cork, a patterned cloth) makes digit-sized marks too, but they are surrounded by more.
-            ring = _grown(box, max(2, round(s.ring * hg)))
-            ring_area = (min(ring[0].stop, work_h) - ring[0].start) * (min(ring[1].stop, work_w) - ring[1].start)
-            if cv2.countNonZero(mask[ring]) - mass > s.max_surround * (ring_area - wg * hg):
                 continue
             # Ink stands out from the surface it is written on: the pixels around the box that are not
             # ink. The other polarity's false marks (the paper inside a 0, a strip of paper between a
