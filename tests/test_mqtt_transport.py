@@ -298,3 +298,22 @@ def test_commands_subscription_survives_a_broker_restart(mosquitto, observer, de
         assert received[0] == b"one" and b"two" in received
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"))
+
+
+def test_a_full_outbox_drops_the_oldest_and_reports_it(mosquitto, cable, device, tmp_path):
+    """With the link down and a tiny outbox, results keep being accepted; the oldest go, counted in the stats."""
+    cable.cut()
+    settings = transport_settings(mosquitto, device, tmp_path, outbox={"path": str(tmp_path / "outbox.db"), "max_mb": 0.01})
+    settings.mqtt.port = cable.port
+    transport, sequence = open_transport(settings)
+    try:
+        for _ in range(100):
+            transport.publish(metrics_message(sequence))
+        stats = transport.stats()
+        assert stats.dropped > 0 and stats.failed == 0
+        assert transport.outbox.stats().bytes <= 0.01 * 1024 * 1024
+        cable.restore()  # what was kept is then delivered
+        wait_until(lambda: transport.stats().queued == 0)
+        assert transport.stats().queued == 0
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)

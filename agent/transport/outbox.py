@@ -6,7 +6,7 @@ SQLite in WAL mode, one table in arrival order. What "accepted" means, precisely
 - `put` returns after its INSERT is committed to the write-ahead log (the write() has returned). From then
   on the message survives a crash, an exception or a SIGKILL of the agent: the next start resends it.
 - With `synchronous="normal"` (the default) the WAL is fsynced at every checkpoint, and the sender runs one
-  at least every `sync_interval_s`; a power cut (or kernel panic) can therefore lose the messages accepted
+  (`sync`, on its own connection, never on the pipeline thread) every `sync_interval_s`; a power cut (or kernel panic) can therefore lose the messages accepted
   in the last `sync_interval_s` (1 s by default), never older ones, and never corrupts the spool. This is
   what lets the pipeline thread accept thousands of results per second on an SD card.
 - With `synchronous="full"` every `put` waits for its own fsync: nothing accepted is lost even on power
@@ -31,6 +31,7 @@ from agent.config import OutboxSettings
 from agent.errors import TransportError
 
 ROW_OVERHEAD = 48  # bytes SQLite spends per row besides the payload and topic (rowid, header, cell pointer)
+MAX_SQL_VARIABLES = 32766  # SQLite's limit on ? per statement
 EVICT_FRACTION = 0.01  # when full, free this share of the bound at once so eviction is not paid per message
 
 SCHEMA = """
@@ -100,6 +101,7 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA journal_size_limit=8388608")  # truncate the WAL back to 8 MiB after checkpoints
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # `sync` checkpoints off the pipeline thread instead
             self._db.execute(SCHEMA)
             self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             depth, size = self._db.execute(
@@ -129,15 +131,14 @@ class Outbox:
 
     def remove(self, ids: Iterable[int]) -> None:
         """Forget acknowledged (or refused) messages; an id already evicted is ignored."""
+        ids = list(ids)
         with self._lock:
-            self._db.execute("BEGIN")
-            freed = []
-            for message_id in ids:
-                freed.extend(size for (size,) in self._db.execute(
-                    "DELETE FROM outbox WHERE id = ? RETURNING length(payload) + length(topic)", (message_id,)
-                ))
-            self._db.execute("COMMIT")
-            self._forget(freed)
+            for start in range(0, len(ids), MAX_SQL_VARIABLES):
+                chunk = ids[start : start + MAX_SQL_VARIABLES]
+                freed = [size for (size,) in self._db.execute(
+                    f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING length(payload) + length(topic)", chunk
+                )]
+                self._forget(freed)
 
     def expire(self, now: float | None = None) -> int:
         """Drop messages older than max_age_s (checked from the oldest end, so it costs nothing when none are)."""

@@ -35,20 +35,20 @@ class RateLimiter:
     """Two token buckets, publishes/s and bytes/s, each one second deep (how IoT Core meters a connection)."""
 
     def __init__(self, publishes_per_s: float, bytes_per_s: float):
-        self.rates = (publishes_per_s, bytes_per_s)
-        self.tokens = [publishes_per_s, bytes_per_s]
+        self.publish_rate, self.byte_rate = publishes_per_s, bytes_per_s
+        self.publishes, self.bytes = publishes_per_s, bytes_per_s
         self.updated = time.monotonic()
 
     def wait_s(self, nbytes: int) -> float:
         """Take one publish of `nbytes` and return 0, or return how long to wait before asking again."""
         now = time.monotonic()
         elapsed, self.updated = now - self.updated, now
-        need = (1.0, float(nbytes))
-        self.tokens = [min(rate, tokens + rate * elapsed) for rate, tokens in zip(self.rates, self.tokens)]
-        missing = [(n - t) / rate for n, t, rate in zip(need, self.tokens, self.rates) if t < n]
-        if missing:
-            return max(missing)
-        self.tokens = [t - n for t, n in zip(self.tokens, need)]
+        self.publishes = min(self.publish_rate, self.publishes + self.publish_rate * elapsed)
+        self.bytes = min(self.byte_rate, self.bytes + self.byte_rate * elapsed)
+        if self.publishes < 1 or self.bytes < nbytes:
+            return max((1 - self.publishes) / self.publish_rate, (nbytes - self.bytes) / self.byte_rate)
+        self.publishes -= 1
+        self.bytes -= nbytes
         return 0.0
 
 
@@ -104,7 +104,8 @@ class SpooledTransport(Transport):
             self._refused(problem)
             return
         self.outbox.put(topic, QOS_AT_LEAST_ONCE, payload)
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def announce(self, status: StatusMessage) -> Future:
         """Publish a status retained on the status topic, bypassing the outbox (a stale status is worthless)."""
@@ -163,7 +164,7 @@ class SpooledTransport(Transport):
             if now >= next_housekeeping:
                 self.outbox.expire()
                 next_housekeeping = now + HOUSEKEEPING_S
-            if self.settings.synchronous == "normal" and now >= next_sync:
+            if now >= next_sync:  # bounds what a power cut can take (synchronous=normal) and the WAL's size
                 self.outbox.sync()
                 next_sync = now + self.settings.sync_interval_s
             batch = self._next_batch(cursor, now)
