@@ -20,6 +20,7 @@ from pydantic_settings import EnvSettingsSource
 from agent.errors import ConfigError
 from agent.liveview import LiveViewSettings
 from agent.observability import WatchdogSettings
+from agent.updates import UpdateSettings
 from agent.vision.digits import DigitFinderSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,7 @@ class Settings(Section):
     outbox: OutboxSettings = OutboxSettings()
     liveview: LiveViewSettings = LiveViewSettings()
     watchdog: WatchdogSettings = WatchdogSettings()
+    updates: UpdateSettings = UpdateSettings()
 
 
 def environment_values() -> dict[str, Any]:

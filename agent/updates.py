@@ -1,0 +1,477 @@
+"""The update manager: one path from "here is a new model" to "it is serving" (or "the old one still is").
+
+Every source of updates (an IoT Job document, a Greengrass component naming a bundle) goes through
+`UpdateManager`: fetch -> verify (sha256, Ed25519 signature from a trusted key) -> validate (loads in the
+runtime, tensors match the manifest, golden-set accuracy at or above the manifest's minimum) -> activate
+(a ModelSlot swap between two frames) -> health window (the first frames run without error and with sane
+scores) -> record it active in the store. Any failure leaves the old model serving and comes back as an
+`Outcome` with a reason code a fleet dashboard can count and a one-line message a person can act on.
+
+All of this runs on the caller's (update) thread; the pipeline thread only ever sees the swap. A model is
+recorded active in the store only after its health window, so one that kills the process comes back, on
+restart, as the model that served before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.bundle import MANIFEST, SEMVER, SHA256, SIGNATURE, canonical_bytes, open_bundle, read_manifest, sha256_file
+from agent.errors import AgentError, ModelError
+from agent.fetch import DownloadError, DownloadSettings, Progress, fetch
+from agent.model import LoadedModel, load_model
+from agent.runtime import Runtime
+from agent.signing import Signature, key_id, load_public_key, verify
+from agent.store import ModelStore, check_name_version
+
+if TYPE_CHECKING:  # the pipeline imports the settings tree, which holds UpdateSettings
+    from agent.pipeline import ActiveModel, ModelSlot
+
+OPERATION = "model-update"
+log = logging.getLogger(__name__)
+
+
+class UpdateSettings(BaseModel):
+    """`updates` branch of the settings: where models are kept and how much an update is trusted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Path = Field(Path("var/models"), description="versioned model store (one directory per name/version)")
+    keep: int = Field(3, ge=2, le=100, description="installed versions kept; the active and previous are never pruned")
+    allow_unsigned: bool = Field(False, description="accept bundles without a signature (development only)")
+    allow_downgrade: bool = Field(False, description="accept an older version even when the job document does not say so")
+    health_frames: int = Field(30, ge=1, description="frames the new model must serve cleanly before it is kept")
+    health_timeout_s: float = Field(30.0, gt=0, description="longest wait for those frames (a stalled source ends the window early)")
+    download: DownloadSettings = DownloadSettings()
+
+
+class Reason(StrEnum):
+    """Why an update did not succeed: stable codes for dashboards and job statusDetails."""
+
+    MALFORMED_DOCUMENT = "MALFORMED_DOCUMENT"
+    UNKNOWN_OPERATION = "UNKNOWN_OPERATION"
+    UNSAFE_PATH = "UNSAFE_PATH"
+    DOWNGRADE_REFUSED = "DOWNGRADE_REFUSED"
+    URL_REFUSED = "URL_REFUSED"
+    TOO_LARGE = "TOO_LARGE"
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    SHA256_MISMATCH = "SHA256_MISMATCH"
+    UNSIGNED = "UNSIGNED"
+    UNTRUSTED_KEY = "UNTRUSTED_KEY"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    INVALID_BUNDLE = "INVALID_BUNDLE"
+    NAME_MISMATCH = "NAME_MISMATCH"
+    NOT_TFLITE = "NOT_TFLITE"
+    TENSOR_MISMATCH = "TENSOR_MISMATCH"
+    GOLDEN_ACCURACY = "GOLDEN_ACCURACY"
+    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
+    INTERRUPTED = "INTERRUPTED"
+    STORE_FAILED = "STORE_FAILED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class Stage(StrEnum):
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    VALIDATING = "validating"
+    ACTIVATING = "activating"
+    WATCHING = "watching"
+
+
+class Status(StrEnum):
+    """The job execution status an outcome maps to (AWS IoT Jobs' own words)."""
+
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+StageProgress = Callable[[Stage, int], None]  # stage, percent 0..100
+
+
+class UpdateFailed(AgentError):
+    """An update refused at some step; `reason` is the code reported to the cloud."""
+
+    def __init__(self, reason: Reason, message: str, status: Status = Status.FAILED):
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class ModelUpdate(BaseModel):
+    """A job document asking for a model update (deploy/jobs/model-update.schema.json is generated from it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="model-update job document")
+
+    operation: Literal["model-update"]
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name, as in the bundle's manifest")
+    version: str = Field(pattern=SEMVER, description="semantic version, as in the bundle's manifest")
+    url: str = Field(
+        pattern=r"^(https://|http://|\$\{aws:iot:s3-presigned-url-v2:https://)",
+        description="https URL of the bundle .zip, or ${aws:iot:s3-presigned-url-v2:https://s3.<region>.amazonaws.com/<bucket>/<key>} for IoT Core to presign",
+    )
+    sha256: SHA256 = Field(description="sha256 of the bundle .zip")
+    size: int = Field(gt=0, description="size of the bundle .zip in bytes")
+    signature: Signature | None = Field(None, description="the operator's Ed25519 signature of document_signed_bytes(name, version, sha256, size)")
+    allow_downgrade: bool = Field(False, description="install even if older than the version serving now")
+
+
+def document_signed_bytes(name: str, version: str, sha256: str, size: int) -> bytes:
+    """What a job document's signature covers: the artifact's identity, canonical JSON."""
+    return canonical_bytes({"name": name, "version": version, "sha256": sha256, "size": size})
+
+
+def parse_update(raw: Any) -> ModelUpdate:
+    """A decoded job document -> ModelUpdate, or UpdateFailed naming what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise UpdateFailed(Reason.MALFORMED_DOCUMENT, "job document must be a JSON object; see deploy/jobs/model-update.schema.json")
+    if raw.get("operation") != OPERATION:
+        raise UpdateFailed(Reason.UNKNOWN_OPERATION, f"job operation {raw.get('operation')!r} is unknown to this agent (it handles {OPERATION!r})")
+    for key in ("name", "version"):
+        value = raw.get(key)
+        if isinstance(value, str) and ("/" in value or "\\" in value or ".." in value or value.startswith(".")):
+            raise UpdateFailed(Reason.UNSAFE_PATH, f"job document {key} {value!r} contains a path; use a plain model {key}")
+    try:
+        return ModelUpdate.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise UpdateFailed(Reason.MALFORMED_DOCUMENT, f"job document {key}: {first['msg']}; see deploy/jobs/model-update.schema.json") from None
+
+
+def version_key(version: str) -> tuple:
+    """Semantic-version order: 1.2.3-rc1 < 1.2.3 < 1.10.0 (build metadata ignored)."""
+    core, _, pre = version.split("+", 1)[0].partition("-")
+    numbers = tuple(int(part) for part in core.split("."))
+    pre_parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split(".")) if pre else ()
+    return numbers, (0, pre_parts) if pre else (1, ())
+
+
+class Outcome(BaseModel):
+    """What an update came to: the job status, a reason code unless it succeeded, and one line for people."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: Status
+    reason: Reason | None = None
+    message: str
+    name: str | None = None
+    version: str | None = None
+
+    def status_details(self) -> dict[str, str]:
+        """The Jobs `statusDetails` map (string values only, as IoT Jobs requires)."""
+        details = {"message": self.message[:1000]}
+        if self.reason:
+            details["reason"] = self.reason.value
+        if self.version:
+            details["version"] = self.version
+        return details
+
+
+class HealthWatch:
+    """The new model's first frames, seen from the pipeline thread (observer + a wrapper around its runtime).
+
+    The pipeline thread only counts and records; the update thread waits on `done` and judges. A model that
+    raises or returns NaN is answered for by the previous model on that frame, so no frame is lost while the
+    update thread rolls back.
+    """
+
+    def __init__(self, frames: int):
+        self.frames_wanted = frames
+        self.frames = 0
+        self.failure: str | None = None
+        self.first_scores: np.ndarray | None = None
+        self.scored = 0
+        self.varied = False
+        self.open = False
+        self.done = threading.Event()
+
+    def start(self) -> None:
+        self.frames, self.failure, self.first_scores, self.scored, self.varied = 0, None, None, 0, False
+        self.done.clear()
+        self.open = True
+
+    def on_frame(self, frame, result, latency_ms: float) -> None:
+        if self.open:
+            self.frames += 1
+            if self.frames >= self.frames_wanted:
+                self.done.set()
+
+    def record(self, scores: np.ndarray) -> str | None:
+        """Note one batch of scores; returns why they are unusable, or None."""
+        if not np.isfinite(scores).all():
+            return "the model produced NaN or infinite scores"
+        for row in scores:
+            if self.first_scores is None:
+                self.first_scores = row.copy()
+            elif not self.varied and not np.array_equal(row, self.first_scores):
+                self.varied = True
+            self.scored += 1
+        return None
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+        self.done.set()
+
+    def verdict(self) -> str | None:
+        """Why the window failed, or None if the model served cleanly."""
+        self.open = False
+        if self.failure:
+            return self.failure
+        if self.scored >= 2 and not self.varied:
+            return f"the model gave identical scores for all {self.scored} digits it saw (constant output)"
+        return None
+
+
+class WatchedRuntime:
+    """The new model's runtime during its health window: records scores, falls back on failure."""
+
+    def __init__(self, runtime: Runtime, fallback: Runtime, watch: HealthWatch):
+        self.runtime, self.fallback, self.watch = runtime, fallback, watch
+        self.input, self.output, self.backend, self.model_path = runtime.input, runtime.output, runtime.backend, runtime.model_path
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        try:
+            scores = self.runtime.classify(images)
+        except Exception as exc:  # noqa: BLE001 -- any fault of the new model must not stop the pipeline
+            self.watch.fail(f"the model raised {type(exc).__name__} while serving: {exc}")
+            return self.fallback.classify(images)
+        problem = self.watch.record(scores)
+        if problem:
+            self.watch.fail(problem)
+            return self.fallback.classify(images)
+        return scores
+
+
+class UpdateManager:
+    """Applies updates one at a time to the model serving in `slot`, keeping versions in `store`."""
+
+    def __init__(
+        self,
+        settings: UpdateSettings,
+        slot: ModelSlot,
+        observers: list,
+        *,
+        trusted_keys: Sequence[Path],
+        backend: str = "auto",
+        num_threads: int = 1,
+    ):
+        self.settings = settings
+        self.slot = slot
+        self.trusted_keys = list(trusted_keys)
+        self.backend = backend
+        self.num_threads = num_threads
+        self.store = ModelStore(settings.store, keep=settings.keep)
+        self.watch = HealthWatch(settings.health_frames)
+        observers.append(self.watch)
+        self._lock = threading.Lock()
+
+    # -- entry points ------------------------------------------------------------------------------
+
+    def apply(self, document: Any, progress: StageProgress | None = None) -> Outcome:
+        """Apply a job document (a dict, as IoT Jobs delivers it). Never raises for a bad update."""
+        try:
+            update = parse_update(document)
+        except UpdateFailed as failed:
+            return Outcome(status=failed.status, reason=failed.reason, message=str(failed))
+        return self._run(update.name, update.version, lambda report, tmp: self._download(update, report, tmp), progress, update)
+
+    def apply_bundle(self, path: Path, progress: StageProgress | None = None) -> Outcome:
+        """Apply a bundle already on disk (directory or .zip), e.g. a Greengrass model component's artifact."""
+        path = Path(path)
+        try:
+            raw = read_manifest(path, str(path))[0] if path.is_dir() else _zip_manifest(path)
+            name, version = raw.get("name"), raw.get("version")
+            check_name_version(name, version)
+        except ModelError as exc:
+            return Outcome(status=Status.FAILED, reason=Reason.INVALID_BUNDLE, message=str(exc))
+        return self._run(name, version, lambda report, tmp: path, progress, None)
+
+    def check_downgrade(self, update: ModelUpdate) -> None:
+        """REJECTED for an older version than the one serving, unless the document or settings allow it."""
+        serving = self.slot.active.ref
+        if update.name != serving.name or update.allow_downgrade or self.settings.allow_downgrade:
+            return
+        if version_key(update.version) < version_key(serving.version):
+            raise UpdateFailed(
+                Reason.DOWNGRADE_REFUSED,
+                f"{update.name} {update.version} is older than {serving.version} serving now; set allow_downgrade in the job document to roll back on purpose",
+                Status.REJECTED,
+            )
+
+    # -- the steps ------------------------------------------------------------------------------------
+
+    def _run(self, name: str, version: str, obtain: Callable[[Progress, Path], Path], progress: StageProgress | None, update: ModelUpdate | None) -> Outcome:
+        report = progress or (lambda stage, percent: None)
+        with self._lock:
+            serving = self.slot.active.ref
+            if (serving.name, serving.version) == (name, version):
+                return Outcome(status=Status.SUCCEEDED, message=f"{name} {version} is already serving", name=name, version=version)
+            try:
+                if update is not None:
+                    self.check_downgrade(update)
+                    self._verify_document(update)
+                with tempfile.TemporaryDirectory(prefix="edge-update-", dir=self._downloads()) as tmp:
+                    artifact = obtain(lambda fraction: report(Stage.DOWNLOADING, int(fraction * 100)), Path(tmp))
+                    report(Stage.VERIFYING, 0)
+                    if update is not None:
+                        self._check_artifact(update, artifact)
+                    installed = self._install(artifact, name, version, update.sha256 if update else None)
+                try:
+                    model = self._validate(installed, name, version, report)
+                    self._activate(model, report)
+                except BaseException:
+                    self.store.discard(name, version)
+                    raise
+                self.store.prune()
+            except UpdateFailed as failed:
+                return Outcome(status=failed.status, reason=failed.reason, message=str(failed), name=name, version=version)
+            except Exception as exc:  # noqa: BLE001 -- a fault of ours must still end the job, not hang it
+                log.exception("update %s %s failed unexpectedly", name, version)
+                return Outcome(status=Status.FAILED, reason=Reason.INTERNAL_ERROR, message=f"agent fault while updating: {type(exc).__name__}: {exc}", name=name, version=version)
+            return Outcome(status=Status.SUCCEEDED, message=f"{name} {version} is serving", name=name, version=version)
+
+    def _downloads(self) -> Path:
+        path = self.store.root / ".downloads"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _download(self, update: ModelUpdate, report: Progress, tmp: Path) -> Path:
+        try:
+            return fetch(update.url, tmp / "bundle.zip", self.settings.download, expected_size=update.size, progress=report)
+        except DownloadError as exc:
+            raise UpdateFailed(Reason(exc.code), str(exc)) from None
+
+    def _verify_document(self, update: ModelUpdate) -> None:
+        """A signed document is checked before anything is downloaded (a forged one costs no bandwidth)."""
+        if update.signature is None:
+            return
+        message = document_signed_bytes(update.name, update.version, update.sha256, update.size)
+        self._check_signature(message, update.signature.model_dump_json().encode(), "job document")
+
+    def _check_artifact(self, update: ModelUpdate, artifact: Path) -> None:
+        digest = sha256_file(artifact)
+        if digest != update.sha256:
+            raise UpdateFailed(Reason.SHA256_MISMATCH, f"downloaded bundle has sha256 {digest[:16]}... but the job document says {update.sha256[:16]}...; the artifact was corrupted or replaced")
+
+    def _check_signature(self, message: bytes, signature_bytes: bytes, where: str) -> None:
+        """Ed25519 check with the failure named: untrusted key and bad signature are different problems."""
+        try:
+            signer = Signature.model_validate_json(signature_bytes).key_id
+        except ValidationError:
+            raise UpdateFailed(Reason.BAD_SIGNATURE, f"{where}: signature is not a valid Ed25519 signature record; re-sign with `edge-fleet model sign`") from None
+        try:
+            trusted = {key_id(load_public_key(path)) for path in self.trusted_keys}
+            if signer not in trusted:
+                raise UpdateFailed(Reason.UNTRUSTED_KEY, f"{where}: signed by key {signer}, which this device does not trust; add its public key to model.trusted_keys or re-sign")
+            verify(message, signature_bytes, self.trusted_keys, where)
+        except ModelError as exc:
+            raise UpdateFailed(Reason.BAD_SIGNATURE, str(exc)) from None
+
+    def _install(self, artifact: Path, name: str, version: str, artifact_sha256: str | None) -> Path:
+        try:
+            return self.store.install(artifact, name, version, artifact_sha256, max_bytes=self.settings.download.max_bytes)
+        except ModelError as exc:
+            raise UpdateFailed(Reason.INVALID_BUNDLE, str(exc)) from None
+        except OSError as exc:
+            raise UpdateFailed(Reason.STORE_FAILED, f"model store {self.store.root}: cannot install ({exc.strerror}); free disk space or fix updates.store") from None
+
+    def _validate(self, root: Path, name: str, version: str, report: StageProgress) -> LoadedModel:
+        """Signature, hashes, loadability, tensors, golden accuracy: each failure named for what it is."""
+        if (root / SIGNATURE).exists():
+            signed = _step(Reason.INVALID_BUNDLE, read_manifest, root, str(root))[1]
+            self._check_signature(signed, (root / SIGNATURE).read_bytes(), f"bundle {name} {version}")
+        elif not self.settings.allow_unsigned:
+            raise UpdateFailed(Reason.UNSIGNED, f"bundle {name} {version} is not signed; sign it with `edge-fleet model sign` (or set updates.allow_unsigned for development)")
+        options = dict(trusted_keys=self.trusted_keys, require_signature=not self.settings.allow_unsigned, max_bytes=self.settings.download.max_bytes)
+        bundle = _step(Reason.INVALID_BUNDLE, open_bundle, root, **options)
+        manifest = bundle.manifest
+        if (manifest.name, manifest.version) != (name, version):
+            raise UpdateFailed(Reason.NAME_MISMATCH, f"update names {name} {version} but the bundle is {manifest.name} {manifest.version}; fix the job document or the bundle")
+        report(Stage.VERIFYING, 100)
+        report(Stage.VALIDATING, 0)
+        _step(Reason.NOT_TFLITE, Runtime, bundle.model_path, backend=self.backend, num_threads=self.num_threads)
+        # load_model repeats the (cheap) bundle and runtime checks; run first on their own they say which failed.
+        model = _step(Reason.TENSOR_MISMATCH, load_model, root, backend=self.backend, num_threads=self.num_threads, **options)
+        report(Stage.VALIDATING, 50)
+        _step(Reason.GOLDEN_ACCURACY, model.check_golden)
+        report(Stage.VALIDATING, 100)
+        return model
+
+    def _activate(self, model: LoadedModel, report: StageProgress) -> None:
+        """Swap between two frames, watch the first frames, then keep it (store) or swap the old one back."""
+        report(Stage.ACTIVATING, 0)
+        previous = self.slot.active
+        watched = dataclasses.replace(model, runtime=WatchedRuntime(model.runtime, previous.model.runtime, self.watch))
+        self.watch.start()
+        try:
+            _step(Reason.TENSOR_MISMATCH, self.slot.swap, watched)
+        except UpdateFailed:
+            self.watch.open = False
+            raise
+        report(Stage.WATCHING, 0)
+        self.watch.done.wait(self.settings.health_timeout_s)
+        problem = self.watch.verdict()
+        if problem:
+            self.slot.swap(previous.model)
+            raise UpdateFailed(Reason.HEALTH_CHECK_FAILED, f"{model.manifest.name} {model.manifest.version} rolled back after {self.watch.frames} frames: {problem}")
+        self.slot.swap(model)  # the same model without the watch
+        report(Stage.WATCHING, 100)
+        manifest = model.manifest
+        try:
+            self.store.activate(manifest.name, manifest.version)
+        except (ModelError, OSError) as exc:
+            self.slot.swap(previous.model)
+            raise UpdateFailed(Reason.STORE_FAILED, f"could not record {manifest.name} {manifest.version} as active ({exc}); the previous model is serving") from None
+        report(Stage.ACTIVATING, 100)
+
+    # -- start-up ------------------------------------------------------------------------------------
+
+    def restore(self) -> ActiveModel | None:
+        """Serve the store's active model (falling back to its previous one) instead of the configured bundle.
+
+        Call before the pipeline's first frame. Returns what was replaced, or None if the store has nothing
+        usable (then the configured bundle keeps serving).
+        """
+        state = self.store.state()
+        for ref in (state.active, state.previous):
+            if ref is None:
+                continue
+            try:
+                model = load_model(self.store.path(ref.name, ref.version), trusted_keys=self.trusted_keys, require_signature=not self.settings.allow_unsigned, backend=self.backend, num_threads=self.num_threads)
+            except ModelError:
+                continue
+            if ref != state.active:
+                self.store.rollback()
+            return self.slot.swap(model)
+        return None
+
+
+def _zip_manifest(path: Path) -> dict:
+    """The (not yet trusted) manifest inside a bundle .zip: only its name and version are used, to place it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(MANIFEST))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path}: not a bundle .zip with a {MANIFEST} ({exc}); point the component at a bundle") from None
+
+
+def _step(reason: Reason, action: Callable, *args, **kwargs):
+    """Run one validation step; its ModelError becomes UpdateFailed with the step's reason."""
+    try:
+        return action(*args, **kwargs)
+    except ModelError as exc:
+        raise UpdateFailed(reason, str(exc)) from None

@@ -1,0 +1,41 @@
+"""Makes the small broken TFLite models the update tests install (run once; the outputs are committed).
+
+    .venv/bin/python tests/data/make_update_models.py
+
+Needs TensorFlow (the `train` extra); the tests themselves never import it. Each model is a valid TFLite
+file that misbehaves in one way a bad model update can:
+- update-wrong-input.tflite: float32 input [1, 32, 32, 1] where the shipped model takes int8 [1, 28, 28, 1]
+- update-constant.tflite: float32 [1, 28, 28, 1] -> the same softmax scores whatever the image
+- update-nan.tflite: float32 [1, 28, 28, 1] -> NaN scores
+"""
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+HERE = Path(__file__).resolve().parent
+
+
+def convert(fn, shape) -> bytes:
+    concrete = tf.function(fn, input_signature=[tf.TensorSpec(shape, tf.float32)]).get_concrete_function()
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn).convert()
+
+
+def wrong_input(x):
+    return tf.nn.softmax(tf.reshape(tf.reduce_mean(x, axis=[1, 2]), [1, 1]) * tf.ones([1, 10]))
+
+
+def constant(x):
+    bias = tf.constant(np.eye(10, dtype=np.float32)[1:2] * 3.0)  # always "1"
+    return tf.nn.softmax(bias + 0.0 * tf.reshape(tf.reduce_sum(x), [1, 1]))
+
+
+def nan(x):
+    return tf.math.log(-1.0 - tf.reshape(tf.reduce_sum(x), [1, 1])) * tf.ones([1, 10])
+
+
+if __name__ == "__main__":
+    for name, fn, shape in (("wrong-input", wrong_input, [1, 32, 32, 1]), ("constant", constant, [1, 28, 28, 1]), ("nan", nan, [1, 28, 28, 1])):
+        (HERE / f"update-{name}.tflite").write_bytes(convert(fn, shape))
+        print(name, (HERE / f"update-{name}.tflite").stat().st_size, "bytes")

@@ -1,0 +1,339 @@
+"""Model updates end to end on real parts: HTTPS download, signed bundles, TFLite, a pipeline serving video.
+
+Every update runs while a real pipeline serves the sample video at 30 fps. Each bad update must come back
+FAILED (or REJECTED) with its reason code, leave the old model serving, and lose no frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.app import load_configured_model
+from agent.config import AMAZON_ROOT_CA, DEV_SIGNING_KEY, Settings
+from agent.fetch import DownloadSettings
+from agent.fleet.packing import sign_bundle, write_manifest, write_zip
+from agent.messages import SequenceCounter
+from agent.pipeline import ModelSlot, Pipeline
+from agent.signing import generate_key, load_private_key, sign
+from agent.sources import VideoFileSource
+from agent.transport.console import ConsoleTransport
+from agent.updates import Reason, Stage, Status, UpdateManager, UpdateSettings, document_signed_bytes
+from artifact_server import serve
+from conftest import SAMPLE_VIDEO, SHIPPED_BUNDLE
+
+DATA = Path(__file__).resolve().parent / "data"
+SERVING = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())["version"]
+MAJOR = int(SERVING.split(".")[0]) + 1
+
+
+def later(minor: int = 0) -> str:
+    """A version newer than the shipped bundle's."""
+    return f"{MAJOR}.{minor}.0"
+
+
+NEW = later()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """A signing key the device trusts and one it does not (generated here; never committed)."""
+    folder = tmp_path_factory.mktemp("keys")
+    generate_key(folder / "trusted.key", folder / "trusted.pub")
+    generate_key(folder / "stranger.key", folder / "stranger.pub")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    server, stop = serve(tmp_path_factory.mktemp("https"))
+    yield server
+    stop()
+
+
+def make_bundle(folder: Path, key: Path | None, *, version=NEW, model: Path | None = None, golden=None, tamper=None, **fields) -> bytes:
+    """A bundle .zip derived from the shipped one with the fleet's own packing and signing functions."""
+    root = folder / f"bundle-{version}-{len(list(folder.iterdir()))}"
+    shutil.copytree(SHIPPED_BUNDLE, root)
+    (root / "manifest.sig").unlink()
+    if model is not None:
+        shutil.copyfile(model, root / "model.tflite")
+    if golden is not None:
+        np.savez(root / "golden.npz", x=golden[0], y=golden[1])
+    raw = json.loads((root / "manifest.json").read_text())
+    raw.pop("files")
+    write_manifest(root, {**raw, "version": version, **fields})
+    if key is not None:
+        sign_bundle(root, key)
+    if tamper is not None:
+        tamper(root)
+    write_zip(root, folder / "out.zip")
+    return (folder / "out.zip").read_bytes()
+
+
+def document(url: str, data: bytes, **fields) -> dict:
+    return {"operation": "model-update", "name": "mnist-int8", "version": NEW, "url": url, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **fields}
+
+
+class FrameLog:
+    """Observer: which frame was served by which model version (publish_empty makes every frame a result)."""
+
+    def __init__(self):
+        self.frames: list[tuple[int, str]] = []
+
+    def on_frame(self, frame, result, latency_ms):
+        self.frames.append((frame.index, result.model.version))
+
+    def versions(self) -> list[str]:
+        return [version for _, version in self.frames]
+
+
+class Serving:
+    """A real pipeline on the sample video at 30 fps, on its own thread, with an update manager beside it."""
+
+    def __init__(self, store: Path, keys: Path, artifacts, **update_settings):
+        settings = Settings()
+        self.slot = ModelSlot(load_configured_model(settings), settings.vision)
+        source = VideoFileSource(SAMPLE_VIDEO, loop=True, pace_fps=30)
+        self.pipeline = Pipeline(source, self.slot, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("t"), score_threshold=0.5, publish_empty=True)
+        self.log = FrameLog()
+        self.pipeline.observers.append(self.log)
+        self.pipeline.observers.append(self)
+        self.stopping = threading.Event()
+        download = DownloadSettings(**{"ca_file": artifacts.ca_file, "retries": 2, "backoff_initial_s": 0.01, **update_settings.pop("download", {})})
+        self.settings = UpdateSettings(store=store, health_frames=10, health_timeout_s=20, download=download, **update_settings)
+        self.manager = UpdateManager(self.settings, self.slot, self.pipeline.observers, trusted_keys=[DEV_SIGNING_KEY, keys / "trusted.pub"])
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.wait_frames(5)
+
+    def _run(self):
+        try:
+            self.pipeline.run()
+        except BaseException as exc:  # surfaced by the test's assertions
+            self.error = exc
+
+    def wait_frames(self, count: int) -> None:
+        target = len(self.log.frames) + count
+        while len(self.log.frames) < target and self.thread.is_alive():
+            threading.Event().wait(0.01)
+
+    def on_frame(self, frame, result, latency_ms):
+        if self.stopping.is_set():  # stopped from its own thread: closing a capture mid-read crashes OpenCV
+            self.pipeline.stop()
+
+    def stop(self):
+        self.wait_frames(5)
+        self.stopping.set()
+        self.thread.join(10)
+
+    def assert_no_frame_lost(self):
+        assert self.error is None and self.thread.is_alive()
+        indices = [index for index, _ in self.log.frames]
+        assert indices == list(range(indices[0], indices[0] + len(indices))), "a frame was skipped"
+        assert self.pipeline.source.stats.corrupt == 0
+
+
+@pytest.fixture
+def serving(tmp_path, keys, artifacts):
+    made = []
+
+    def start(**update_settings) -> Serving:
+        made.append(Serving(tmp_path / "store", keys, artifacts, **update_settings))
+        return made[-1]
+
+    yield start
+    for s in made:
+        s.stop()
+
+
+def assert_refused(s: Serving, outcome, reason: Reason, status: Status = Status.FAILED):
+    assert (outcome.status, outcome.reason) == (status, reason), outcome.message
+    assert outcome.message and "\n" not in outcome.message
+    s.wait_frames(3)
+    assert s.slot.active.ref.version == SERVING
+    assert s.log.versions()[-1] == SERVING
+    assert s.manager.store.state().active is None
+    s.assert_no_frame_lost()
+
+
+def test_a_good_update_is_served_from_one_frame_to_the_next_and_recorded(serving, tmp_path, keys, artifacts):
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    url = artifacts.publish("/good/mnist-0.2.0.zip", data)
+    progress = []
+    outcome = s.manager.apply(document(url, data), lambda stage, percent: progress.append((stage, percent)))
+
+    assert outcome.status == Status.SUCCEEDED and outcome.reason is None, outcome.message
+    assert s.slot.active.ref.version == NEW
+    assert s.manager.store.state().active.version == NEW
+    assert s.manager.store.state().active.artifact_sha256 == hashlib.sha256(data).hexdigest()
+    s.wait_frames(3)
+    s.assert_no_frame_lost()
+    versions = s.log.versions()
+    switch = versions.index(NEW)
+    assert set(versions[:switch]) == {SERVING} and set(versions[switch:]) == {NEW}  # one switch, no flapping
+
+    stages = [stage for stage, _ in progress]
+    assert stages[0] == Stage.DOWNLOADING and progress[stages.index(Stage.VERIFYING) - 1] == (Stage.DOWNLOADING, 100)
+    assert [st for i, st in enumerate(stages) if i == 0 or stages[i - 1] != st] == [
+        Stage.DOWNLOADING, Stage.VERIFYING, Stage.VALIDATING, Stage.ACTIVATING, Stage.WATCHING, Stage.ACTIVATING,
+    ]
+    assert all(0 <= percent <= 100 for _, percent in progress)
+
+    again = s.manager.apply(document(url, data))  # a duplicate delivery does nothing twice
+    assert again.status == Status.SUCCEEDED and "already serving" in again.message
+    assert len([p for p, _ in artifacts.requests if p == "/good/mnist-0.2.0.zip"]) == 1
+
+
+def test_a_restarted_agent_serves_the_stored_model(serving, tmp_path, keys, artifacts):
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key", version=later(3))
+    assert s.manager.apply(document(artifacts.publish("/good/restart.zip", data), data, version=later(3))).status == Status.SUCCEEDED
+    s.stop()
+    settings = Settings()
+    fresh = ModelSlot(load_configured_model(settings), settings.vision)
+    manager = UpdateManager(s.settings, fresh, [], trusted_keys=[keys / "trusted.pub"])
+    replaced = manager.restore()
+    assert replaced.ref.version == SERVING and fresh.active.ref.version == later(3)
+
+
+def test_an_older_version_is_rejected_unless_the_document_allows_it(serving, tmp_path, keys, artifacts):
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key", version="0.0.9")
+    url = artifacts.publish("/old/0.0.9.zip", data)
+    assert_refused(s, s.manager.apply(document(url, data, version="0.0.9")), Reason.DOWNGRADE_REFUSED, Status.REJECTED)
+    assert not any(p == "/old/0.0.9.zip" for p, _ in artifacts.requests)  # refused before downloading
+    assert s.manager.apply(document(url, data, version="0.0.9", allow_downgrade=True)).status == Status.SUCCEEDED
+    assert s.slot.active.ref.version == "0.0.9"
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(serving, tmp_path, keys, artifacts):
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    outcome = s.manager.apply(document(artifacts.publish("/flaky/resume.zip", data), data))
+    assert outcome.status == Status.SUCCEEDED, outcome.message
+    ranges = [r for p, r in artifacts.requests if p == "/flaky/resume.zip"]
+    assert ranges == [None, f"bytes={len(data) // 2}-"]
+
+
+def test_a_document_signed_by_a_trusted_key_is_accepted_and_a_forged_one_refused_before_download(serving, tmp_path, keys, artifacts):
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    url = artifacts.publish("/signed/doc.zip", data)
+    doc = document(url, data)
+    signed = json.loads(sign(document_signed_bytes(doc["name"], doc["version"], doc["sha256"], doc["size"]), load_private_key(keys / "trusted.key")))
+    forged = {**doc, "signature": signed, "size": doc["size"] + 1}
+    assert_refused(s, s.manager.apply(forged), Reason.BAD_SIGNATURE)
+    assert not any(p == "/signed/doc.zip" for p, _ in artifacts.requests)
+    assert s.manager.apply({**doc, "signature": signed}).status == Status.SUCCEEDED
+
+
+def test_greengrass_bundle_on_disk_goes_through_the_same_checks(serving, tmp_path, keys):
+    s = serving()
+    good = tmp_path / "component" / "bundle.zip"
+    good.parent.mkdir()
+    good.write_bytes(make_bundle(tmp_path, keys / "trusted.key", version=later(4)))
+    unsigned = tmp_path / "component" / "unsigned.zip"
+    unsigned.write_bytes(make_bundle(tmp_path, None, version=later(5)))
+    assert_refused(s, s.manager.apply_bundle(unsigned), Reason.UNSIGNED)
+    outcome = s.manager.apply_bundle(good)
+    assert outcome.status == Status.SUCCEEDED and s.slot.active.ref.version == later(4)
+
+
+def _low_golden_labels():
+    with np.load(SHIPPED_BUNDLE / "golden.npz") as golden:
+        return golden["x"], (golden["y"] + 1) % 10  # every label wrong
+
+
+def _rewrite_min_accuracy(root: Path):
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["min_golden_accuracy"] = 0.5
+    (root / "manifest.json").write_text(json.dumps(raw))
+
+
+def _float_model(model: str) -> dict:
+    spec = {"dtype": "float32", "scale": 0.0, "zero_point": 0}
+    manifest = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())
+    return {
+        "model": DATA / model,
+        "input": {**manifest["input"], **spec},
+        "output": {**manifest["output"], **spec},
+        "min_golden_accuracy": 0.0,  # the operator set no gate: only the health window can catch these
+    }
+
+
+# name -> (bundle options, document changes, URL path, expected reason, expected status)
+BAD_UPDATES = {
+    "sha256 mismatch": ({}, {"sha256": "0" * 64}, "/a/sha.zip", Reason.SHA256_MISMATCH, Status.FAILED),
+    "bad signature": ({"tamper": _rewrite_min_accuracy}, {}, "/a/badsig.zip", Reason.BAD_SIGNATURE, Status.FAILED),
+    "unsigned": ({"key": None}, {}, "/a/unsigned.zip", Reason.UNSIGNED, Status.FAILED),
+    "untrusted key": ({"key": "stranger"}, {}, "/a/stranger.zip", Reason.UNTRUSTED_KEY, Status.FAILED),
+    "truncated download": ({}, {}, "/truncated/a.zip", Reason.DOWNLOAD_FAILED, Status.FAILED),
+    "not a TFLite file": ({"model": SHIPPED_BUNDLE / "labels.txt"}, {}, "/a/nottflite.zip", Reason.NOT_TFLITE, Status.FAILED),
+    "wrong input shape": ({"model": DATA / "update-wrong-input.tflite"}, {}, "/a/shape.zip", Reason.TENSOR_MISMATCH, Status.FAILED),
+    "golden accuracy below the gate": ({"golden": _low_golden_labels()}, {}, "/a/golden.zip", Reason.GOLDEN_ACCURACY, Status.FAILED),
+    "plain http url": ({}, {"url": "http://localhost:1/a.zip"}, None, Reason.URL_REFUSED, Status.FAILED),
+    "over the size limit": ({}, {"size": 64 * 1024 * 1024}, "/a/big.zip", Reason.TOO_LARGE, Status.FAILED),
+    "malformed document": ({}, {"sha256": "not-a-hash"}, "/a/malformed.zip", Reason.MALFORMED_DOCUMENT, Status.FAILED),
+    "path traversal in name": ({}, {"name": "../../etc"}, "/a/trav1.zip", Reason.UNSAFE_PATH, Status.FAILED),
+    "path traversal in version": ({}, {"version": "1.0.0/../../x"}, "/a/trav2.zip", Reason.UNSAFE_PATH, Status.FAILED),
+    "unknown operation": ({}, {"operation": "reboot"}, "/a/op.zip", Reason.UNKNOWN_OPERATION, Status.FAILED),
+    "name differs from the bundle": ({}, {"name": "other-model"}, "/a/name.zip", Reason.NAME_MISMATCH, Status.FAILED),
+    "missing url": ({}, {"url": None}, "/a/nourl.zip", Reason.MALFORMED_DOCUMENT, Status.FAILED),
+    "unreplaced presign placeholder": ({}, {"url": "${aws:iot:s3-presigned-url-v2:https://s3.eu-west-1.amazonaws.com/b/k.zip}"}, None, Reason.URL_REFUSED, Status.FAILED),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPDATES))
+def test_a_bad_update_fails_with_its_reason_and_the_old_model_keeps_serving(case, serving, tmp_path, keys, artifacts):
+    options, changes, path, reason, status = BAD_UPDATES[case]
+    options = dict(options)
+    key = options.pop("key", "trusted")
+    s = serving()
+    data = make_bundle(tmp_path, keys / f"{key}.key" if key else None, **options)
+    url = artifacts.publish(path, data) if path else "unused"
+    doc = {k: v for k, v in {**document(url, data), **changes}.items() if v is not None}
+    assert_refused(s, s.manager.apply(doc), reason, status)
+    assert not [p for p in (tmp_path / "store").glob("*/*") if p.is_dir() and not p.name.startswith(".")]  # nothing left installed
+
+
+@pytest.mark.parametrize("model, symptom", [("update-nan.tflite", "NaN"), ("update-constant.tflite", "identical scores")])
+def test_a_model_that_misbehaves_in_its_health_window_is_rolled_back_without_losing_a_frame(model, symptom, serving, tmp_path, keys, artifacts):
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key", **_float_model(model))
+    outcome = s.manager.apply(document(artifacts.publish(f"/health/{model}.zip", data), data))
+    assert (outcome.status, outcome.reason) == (Status.FAILED, Reason.HEALTH_CHECK_FAILED), outcome.message
+    assert symptom in outcome.message and "rolled back" in outcome.message
+    assert s.slot.active.ref.version == SERVING and s.manager.store.state().active is None
+    s.wait_frames(3)
+    s.assert_no_frame_lost()
+    versions = s.log.versions()
+    assert NEW in versions and versions[-1] == SERVING  # it did serve, and was taken out again
+
+
+def test_plain_http_is_accepted_when_allowed(serving, tmp_path, keys):
+    server, stop = serve(tmp_path, tls=False)
+    try:
+        s = serving(download={"allow_http": True})
+        data = make_bundle(tmp_path, keys / "trusted.key")
+        outcome = s.manager.apply(document(server.publish("/plain.zip", data), data))
+        assert outcome.status == Status.SUCCEEDED, outcome.message
+    finally:
+        stop()
+
+
+def test_a_server_whose_certificate_is_not_trusted_is_refused(serving, tmp_path, keys, artifacts):
+    s = serving(download={"ca_file": AMAZON_ROOT_CA})
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    outcome = s.manager.apply(document(artifacts.publish("/tls/untrusted.zip", data), data))
+    assert_refused(s, outcome, Reason.DOWNLOAD_FAILED)
+    assert "certificate" in outcome.message
