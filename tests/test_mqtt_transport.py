@@ -24,6 +24,7 @@ from agent.topics import Topics
 from agent.transport import mqtt
 from broker import Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
 from conftest import REPO, agent_env, run_cli
+from test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.broker
 
@@ -208,21 +209,20 @@ def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquit
 def test_client_certificate_from_another_ca_is_refused_with_one_line(mosquitto, pki, tmp_path):
     rogue = pki.rogue.issue(THING)
     done = run_cli(*agent_command(mosquitto, rogue, "--max-frames", "1")[3:], env=agent_environment(tmp_path / "outbox.db"))
-    assert done.returncode == 2, done.stderr
-    line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith("edge-agent: ") and "mqtt.cert" in line and "refused our certificate" in line
-    assert "Traceback" not in done.stderr
+    assert_one_line_error(done, "mqtt.cert", "refused our certificate")
+
+
+def test_an_endpoint_that_names_no_host_is_one_line(mosquitto, device, tmp_path):
+    args = agent_command(mosquitto, device, "--max-frames", "1")[3:]
+    args[args.index("--endpoint") + 1] = "no-such-host.invalid"
+    assert_one_line_error(run_cli(*args, env=agent_environment(tmp_path / "outbox.db")), "mqtt.endpoint", "describe-endpoint")
 
 
 @pytest.mark.parametrize("setting", ["cert", "key"])
 def test_missing_certificate_or_key_is_one_line_naming_the_setting(mosquitto, device, tmp_path, setting):
     args = agent_command(mosquitto, device, "--max-frames", "1")[3:]
     args[args.index(f"--{setting}") + 1] = str(tmp_path / "missing.pem")
-    done = run_cli(*args, env=agent_environment(tmp_path / "outbox.db"))
-    assert done.returncode == 2
-    assert done.stderr.strip() == f"edge-agent: mqtt.{setting} {tmp_path / 'missing.pem'}: no such file; pass --{setting} with the " + (
-        "device certificate, PEM" if setting == "cert" else "device private key, PEM"
-    )
+    assert_one_line_error(run_cli(*args, env=agent_environment(tmp_path / "outbox.db")), f"mqtt.{setting} {tmp_path / 'missing.pem'}: no such file")
 
 
 # -- in-process: one message at a time -------------------------------------------------------------------
@@ -317,3 +317,24 @@ def test_a_full_outbox_drops_the_oldest_and_reports_it(mosquitto, cable, device,
         assert transport.stats().queued == 0
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
+
+
+def test_shadow_service_client_shares_the_connection(mosquitto, observer, device, tmp_path):
+    """The Jobs/Shadow V2 clients run on `link.client`, and the policy lets the device use its own shadow topics."""
+    from awscrt import mqtt_request_response
+    from awsiot import iotshadow
+
+    observer.subscribe(f"$aws/things/{THING}/shadow/get")
+    transport, sequence = open_transport(transport_settings(mosquitto, device, tmp_path))
+    try:
+        options = mqtt_request_response.ClientOptions(max_request_response_subscriptions=2, max_streaming_subscriptions=2, operation_timeout_in_seconds=10)
+        shadow = iotshadow.IotShadowClientV2(transport.link.client, options)
+        reply = shadow.get_shadow(iotshadow.GetShadowRequest(thing_name=THING))
+        [request] = observer.wait_for(lambda ms: any(m.topic.endswith("/shadow/get") for m in ms))
+        token = json.loads(request.payload)["clientToken"]
+        document = {"state": {"reported": {"model": "1.0.0"}}, "version": 3, "timestamp": 1700000000, "clientToken": token}
+        observer.publish(f"$aws/things/{THING}/shadow/get/accepted", json.dumps(document).encode()).result(10)
+        answer = reply.result(10)
+        assert (answer.state.reported, answer.version) == ({"model": "1.0.0"}, 3)
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"))

@@ -39,9 +39,8 @@ FATAL_CONNECT = {
     "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": REFUSED_CERT,
     "AWS_IO_TLS_ERROR_READ_FAILURE": REFUSED_CERT,
     "AWS_IO_TLS_ALERT_NOT_GRACEFUL": REFUSED_CERT,
-    "AWS_IO_DNS_INVALID_NAME": "mqtt.endpoint is not a valid host name; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
-    "AWS_IO_DNS_QUERY_FAILED": "mqtt.endpoint does not resolve; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
-    "AWS_IO_DNS_NO_ADDRESS_FOR_HOST": "mqtt.endpoint does not resolve; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
+    # no such host (a DNS server said so); a resolver that cannot be reached yet is weather, and retried
+    "AWS_IO_DNS_INVALID_NAME": "mqtt.endpoint names no host; use the endpoint from `aws iot describe-endpoint --endpoint-type iot:Data-ATS`",
 }
 FATAL_CONNACK = {
     mqtt5.ConnectReasonCode.NOT_AUTHORIZED,
@@ -191,7 +190,8 @@ class MqttLink:
             self._fatal = f"the broker refused the connection ({reason.name}); check that mqtt.cert is active and its IoT policy lets it connect as client id {self.client_id!r} (thing_name)"
         elif name in FATAL_CONNECT and not self.connections:
             self._fatal = FATAL_CONNECT[name]
-        log.warning("connection to %s:%s failed (%s); retrying with backoff", self.settings.endpoint, self.settings.port, name)
+        if not self._fatal:
+            log.warning("connection to %s:%s failed (%s); retrying with backoff", self.settings.endpoint, self.settings.port, name)
         self._first_attempt.set()
 
     def _on_disconnected(self, data: mqtt5.LifecycleDisconnectData) -> None:
