@@ -115,9 +115,12 @@ class Outbox:
         """Store one message; returns once it is committed (see the module docstring for what that survives)."""
         size = stored_size(topic, payload)
         with self._lock:
-            if self._stats.bytes + size > self.max_bytes:
-                self._evict_oldest(self._stats.bytes + size - self.max_bytes + int(self.max_bytes * EVICT_FRACTION))
-            self._db.execute("INSERT INTO outbox (created, topic, qos, payload) VALUES (?, ?, ?, ?)", (time.time(), topic, qos, payload))
+            try:
+                if self._stats.bytes + size > self.max_bytes:
+                    self._evict_oldest(self._stats.bytes + size - self.max_bytes + int(self.max_bytes * EVICT_FRACTION))
+                self._db.execute("INSERT INTO outbox (created, topic, qos, payload) VALUES (?, ?, ?, ?)", (time.time(), topic, qos, payload))
+            except sqlite3.Error as exc:
+                raise TransportError(f"outbox.path {self.path}: cannot store a message ({exc}); free disk space or point outbox.path elsewhere") from None
             self._stats.depth += 1
             self._stats.bytes += size
 

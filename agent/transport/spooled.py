@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 
 from agent.config import OutboxSettings
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TransportError
 from agent.messages import Envelope, StatusMessage
 from agent.topics import Topics, check_topic
 from agent.transport.base import Link, PublishRejected, Transport, TransportStats
@@ -29,6 +30,7 @@ MAX_PAYLOAD_BYTES = 128 * 1024  # IoT Core refuses larger payloads
 QOS_AT_LEAST_ONCE = 1
 FETCH_LIMIT = 256  # messages read from the outbox per query
 HOUSEKEEPING_S = 1.0  # how often the sender expires old messages
+LOG_EVERY_S = 10.0  # at most one warning per this interval about dropped messages
 
 
 class RateLimiter:
@@ -81,6 +83,7 @@ class SpooledTransport(Transport):
         self._retry_at = 0.0
         self._backoff_s = settings.retry_initial_s
         self._stats = TransportStats()
+        self._quiet_until = 0.0
         self._sender = threading.Thread(target=self._send_loop, name="outbox-sender", daemon=True)
 
     # -- pipeline side ------------------------------------------------------------------------------
@@ -103,7 +106,11 @@ class SpooledTransport(Transport):
         if problem:
             self._refused(problem)
             return
-        self.outbox.put(topic, QOS_AT_LEAST_ONCE, payload)
+        try:
+            self.outbox.put(topic, QOS_AT_LEAST_ONCE, payload)
+        except TransportError as error:  # a full disk: the message was never accepted; keep serving, report it
+            self._refused(str(error))
+            return
         if not self._wake.is_set():
             self._wake.set()
 
@@ -150,36 +157,47 @@ class SpooledTransport(Transport):
     def _refused(self, problem: str) -> None:
         self._stats.failed += 1
         self._stats.dropped += 1
-        log.warning("dropped a message: %s", problem)
+        now = time.monotonic()
+        if now >= self._quiet_until:  # one line per LOG_EVERY_S: a persistent fault must not flood the log
+            log.warning("dropped a message: %s (%d dropped so far)", problem, self._stats.dropped)
+            self._quiet_until = now + LOG_EVERY_S
 
     # -- sender thread ------------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
         cursor = 0  # highest outbox id handed to the Link this run; a restart begins again at the oldest
-        next_sync = next_housekeeping = time.monotonic()
+        self._next_sync = self._next_housekeeping = time.monotonic()
         while not self._stop.is_set():
-            self._wake.clear()
-            self._settle()
-            now = time.monotonic()
-            if now >= next_housekeeping:
-                self.outbox.expire()
-                next_housekeeping = now + HOUSEKEEPING_S
-            if now >= next_sync:  # bounds what a power cut can take (synchronous=normal) and the WAL's size
-                self.outbox.sync()
-                next_sync = now + self.settings.sync_interval_s
-            batch = self._next_batch(cursor, now)
-            if batch is None:  # waiting out a backoff or a full window
-                self._wake.wait(max(0.001, min(self._retry_at - now, HOUSEKEEPING_S)) if self._retry_at > now else HOUSEKEEPING_S)
-                continue
-            if not batch:
-                if self._draining and not self._in_flight and not self._retry:
-                    self._idle.set()
-                self._wake.wait(HOUSEKEEPING_S)
-                continue
-            cursor = max(cursor, batch[-1].id)
-            for item in batch:
-                self._send(item)
+            try:
+                cursor = self._step(cursor)
+            except sqlite3.Error as error:  # a disk fault must not kill the sender: wait and try again
+                log.warning("outbox %s: %s; retrying", self.outbox.path, error)
+                self._stop.wait(HOUSEKEEPING_S)
         self._settle()
+
+    def _step(self, cursor: int) -> int:
+        """One round: settle acknowledgements, housekeeping, send what the window and quotas allow, or wait."""
+        self._wake.clear()
+        self._settle()
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self.outbox.expire()
+            self._next_housekeeping = now + HOUSEKEEPING_S
+        if now >= self._next_sync:  # bounds what a power cut can take (synchronous=normal) and the WAL's size
+            self.outbox.sync()
+            self._next_sync = now + self.settings.sync_interval_s
+        batch = self._next_batch(cursor, now)
+        if batch is None:  # waiting out a backoff or a full window
+            self._wake.wait(max(0.001, min(self._retry_at - now, HOUSEKEEPING_S)) if self._retry_at > now else HOUSEKEEPING_S)
+            return cursor
+        if not batch:
+            if self._draining and not self._in_flight and not self._retry:
+                self._idle.set()
+            self._wake.wait(HOUSEKEEPING_S)
+            return cursor
+        for item in batch:
+            self._send(item)
+        return max(cursor, batch[-1].id)
 
     def _next_batch(self, cursor: int, now: float) -> list[Spooled] | None:
         """Retries first (oldest first), then what the outbox holds past the cursor; None = wait."""
