@@ -399,3 +399,29 @@ def test_every_command_has_help():
         result = run_cli(*command, "--help", program="agent.fleet")
         assert result.returncode == 0 and "usage: edge-fleet" in result.stdout
         assert ("--dry-run" in result.stdout) == (command != ("fleet", "status"))
+
+
+def test_greengrass_dry_run_reads_the_current_deployment_and_records_the_rest(aws, tmp_path, bucket, unsigned_bundle, test_key):
+    from agent.fleet.aws import Aws, AwsOptions
+    from agent.fleet.publish import prepare
+    from agent.fleet.rollout import DEFAULT_RECIPE, Rollout, roll_out
+
+    dry = Aws(AwsOptions(region=REGION, endpoint_url=aws, dry_run=True))
+    _, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket)
+    group_arn = f"arn:aws:iot:{REGION}:123456789012:thinggroup/line-a"
+    with Stubber(dry.client("greengrassv2")) as stub:  # only the read is sent
+        stub.add_response("list_deployments", {"deployments": []}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
+        result = roll_out(dry, release, group_arn, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=True)
+        stub.assert_no_pending_responses()
+    assert [request["operation"] for request in dry.planned] == ["CreateComponentVersion", "CreateDeployment"]
+    assert result["deployment_id"] == "<deploymentId>"
+
+
+def test_iot_data_requests_go_to_the_accounts_ats_endpoint(aws_env):
+    from agent.fleet.aws import Aws, AwsOptions
+
+    real = Aws(AwsOptions(region=REGION))
+    with Stubber(real.client("iot")) as stub:
+        stub.add_response("describe_endpoint", {"endpointAddress": "abc123-ats.iot.us-east-1.amazonaws.com"}, {"endpointType": "iot:Data-ATS"})
+        data = real.client("iot-data")
+    assert data.meta.endpoint_url == "https://abc123-ats.iot.us-east-1.amazonaws.com"
