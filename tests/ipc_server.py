@@ -304,9 +304,13 @@ class IpcServer:
         return self
 
     def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not, on Linux)
+            except OSError:
+                pass
+            listener.close()
         for connection in list(self._connections):
             try:
                 connection.conn.shutdown(socket.SHUT_RDWR)
@@ -323,9 +327,10 @@ class IpcServer:
         self.stop()
 
     def _accept_loop(self) -> None:
+        listener = self._listener
         while self._listener is not None:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             connection = _Connection(self, conn)

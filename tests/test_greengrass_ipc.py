@@ -23,6 +23,8 @@ import pytest
 
 from agent.fleet.packing import sign_bundle, write_manifest, write_zip
 from agent.signing import generate_key
+from agent.transport.base import PublishRejected
+from agent.transport.greengrass import IpcLink
 from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE
 from ipc_server import IpcServer, merge_configuration
 
@@ -230,3 +232,29 @@ def test_status_command_from_iot_core(greengrass):
     nucleus.wait_for(lambda: len(nucleus.published_to(STATUS)) >= 2)
     component.stop()
     assert [m.json()["state"] for m in nucleus.published_to(STATUS)][:2] == ["online", "online"]
+
+
+def test_link_rejects_for_good_and_reconnects_after_the_nucleus_restarts(tmp_path, monkeypatch):
+    """The Link alone, as the outbox's sender drives it: refusals are final, a lost nucleus is not."""
+    configuration = RECIPE["ComponentConfiguration"]["DefaultConfiguration"]
+    nucleus = IpcServer(tmp_path / "ipc.socket", thing_name=THING, configuration=configuration).start()
+    for name, value in nucleus.component_env().items():
+        monkeypatch.setenv(name, value)
+    link = IpcLink()
+    link.connect(5)
+    try:
+        link.publish(INFERENCE, b'{"n": 1}', 1).result(5)
+        with pytest.raises(PublishRejected, match="accessControl"):
+            link.publish(f"edge/{THING}/elsewhere", b"{}", 1).result(5)
+        nucleus.stop()
+        nucleus = IpcServer(nucleus.socket_path, thing_name=THING, configuration=configuration, auth_token=nucleus.auth_token).start()
+        outcomes = []
+        for attempt in range(20):
+            outcomes.append(link.publish(INFERENCE, b'{"n": 2}', 1).exception(5))
+            if outcomes[-1] is None:
+                break
+        assert outcomes[-1] is None and not any(isinstance(o, PublishRejected) for o in outcomes)
+        assert [m.payload for m in nucleus.published] == [b'{"n": 2}'] and link.reconnects >= 1
+    finally:
+        link.close()
+        nucleus.stop()

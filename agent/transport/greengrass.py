@@ -21,12 +21,13 @@ from typing import Any, Callable
 
 import awsiot.greengrasscoreipc
 from awscrt.exceptions import AwsCrtError
-from awsiot.eventstreamrpc import AccessDeniedError
+from awsiot.eventstreamrpc import AccessDeniedError, ConnectionClosedError, EventStreamError, StreamClosedError
 from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 from awsiot.greengrasscoreipc.model import (
     QOS,
     ComponentUpdatePolicyEvents,
     ConfigurationUpdateEvents,
+    GreengrassCoreIPCError,
     InvalidArgumentsError,
     IoTCoreMessage,
     ReportedLifecycleState,
@@ -49,10 +50,12 @@ logging.getLogger("awsiot").addHandler(logging.NullHandler())  # its connect err
 
 SOCKET_VARIABLE = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
 CONNECT_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 10.0  # a nucleus that does not answer a request in this long is not coming back
+CONNECTION_LOST = (ConnectionClosedError, StreamClosedError, EventStreamError, AwsCrtError)
 RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the nucleus asks again
 NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
-# Settings that belong to a stage the running agent cannot rebuild alone; they apply at the next start.
-RESTART_ONLY = ("thing_name", "transport", "max_frames", "mqtt", "outbox")
+# What a running agent applies between two frames; any other change waits for the next start.
+LIVE = ("source", "model", "vision", "topics", "publish_empty", "metrics_interval_s")
 MODEL_LOADING = {f"model.{name}" for name in ModelSettings.model_fields}  # a change means loading the model again
 
 
@@ -94,6 +97,7 @@ class IpcLink:
 
     def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self._client: GreengrassCoreIPCClientV2 | None = None
+        self._lost: GreengrassCoreIPCClientV2 | None = None  # set from the SDK's thread, closed from ours
         self._connect_timeout_s = connect_timeout_s
         self.connected = False
         self.reconnects = 0
@@ -106,40 +110,42 @@ class IpcLink:
             log.warning("%s; results wait in the outbox", error)
 
     def _reconnect(self) -> GreengrassCoreIPCClientV2:
+        if self._lost is not None and self._lost is self._client:
+            self._drop()
         if self._client is None:
             self._client = open_ipc(self._connect_timeout_s)
             self.connected = True
         return self._client
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> Future:
+        """Called on the outbox's sender thread, which is also where a lost connection is replaced."""
         acknowledged: Future = Future()
         try:
             client = self._reconnect()
             reply = client.publish_to_iot_core_async(
                 topic_name=topic, qos=QOS.AT_LEAST_ONCE if qos else QOS.AT_MOST_ONCE, payload=payload, retain=retain or None
             )
-        except (ConnectionError, TransportError, RuntimeError, AwsCrtError) as error:
+        except (ConnectionError, TransportError, *CONNECTION_LOST) as error:
             self._drop()
             acknowledged.set_exception(error)
             return acknowledged
-        reply.add_done_callback(lambda done: self._settle(acknowledged, done, topic))
+        reply.add_done_callback(lambda done: self._settle(acknowledged, done, topic, client))
         return acknowledged
 
-    def _settle(self, acknowledged: Future, reply: Future, topic: str) -> None:
+    def _settle(self, acknowledged: Future, reply: Future, topic: str, client: GreengrassCoreIPCClientV2) -> None:
+        """On the SDK's thread: only records; the next publish replaces a lost connection."""
         error = reply.exception()
         if error is None:
             acknowledged.set_result(None)
-        elif isinstance(error, (UnauthorizedError, InvalidArgumentsError)):
-            acknowledged.set_exception(
-                PublishRejected(
-                    f"the nucleus refused PublishToIoTCore on {topic} ({type(error).__name__}: {error.message}); "
-                    "allow the topic in the recipe's accessControl for aws.greengrass.ipc.mqttproxy or fix topics.*"
-                )
+            return
+        if isinstance(error, (UnauthorizedError, InvalidArgumentsError)):
+            error = PublishRejected(
+                f"the nucleus refused PublishToIoTCore on {topic} ({type(error).__name__}: {error.message}); "
+                "allow the topic in the recipe's accessControl for aws.greengrass.ipc.mqttproxy or fix topics.*"
             )
-        else:
-            if not isinstance(error, FutureTimeout):
-                self._drop()
-            acknowledged.set_exception(error)
+        elif isinstance(error, CONNECTION_LOST):
+            self._lost = client
+        acknowledged.set_exception(error)
 
     def _drop(self) -> None:
         client, self._client = self._client, None
@@ -190,6 +196,18 @@ def _in(names: set[str], section: str) -> bool:
     return any(name == section or name.startswith(section + ".") for name in names)
 
 
+def ask(request: Future, what: str) -> Any:
+    """An IPC request's answer, or a TransportError naming what the nucleus did not do."""
+    try:
+        return request.result(timeout=REQUEST_TIMEOUT_S)
+    except FutureTimeout:
+        raise TransportError(f"transport greengrass: the nucleus did not answer {what} within {REQUEST_TIMEOUT_S:g} s") from None
+    except GreengrassCoreIPCError as error:
+        raise TransportError(f"transport greengrass: the nucleus refused {what} ({type(error).__name__}: {error.message}); check the recipe's accessControl") from None
+    except CONNECTION_LOST as error:
+        raise TransportError(f"transport greengrass: lost the IPC connection during {what} ({error}); the nucleus will restart the agent") from None
+
+
 class NucleusHost(Host):
     """The Greengrass nucleus as the agent's supervisor (see agent.app.Host)."""
 
@@ -208,8 +226,8 @@ class NucleusHost(Host):
     def configure(self, settings: Settings) -> Settings:
         """The component configuration merged over the settings; followed live from here on."""
         self._layers = settings.model_dump()
-        self._subscribe("configuration", self._client.subscribe_to_configuration_update, ConfigurationUpdateEvents, key_path=[])
-        self._subscribe("component-updates", self._client.subscribe_to_component_updates, ComponentUpdatePolicyEvents)
+        self._subscribe("configuration", self._client.subscribe_to_configuration_update_async, ConfigurationUpdateEvents, key_path=[])
+        self._subscribe("component-updates", self._client.subscribe_to_component_updates_async, ComponentUpdatePolicyEvents)
         self._settings = self._fetch_settings()
         return self._settings
 
@@ -217,13 +235,13 @@ class NucleusHost(Host):
         self._pipeline = pipeline
         pipeline.between_frames.append(self.apply_pending)
         self._subscribe_commands()
-        self._client.update_state(state=ReportedLifecycleState.RUNNING)
+        ask(self._client.update_state_async(state=ReportedLifecycleState.RUNNING), "UpdateState RUNNING")
 
     def failed(self, error: AgentError) -> None:
         try:
-            self._client.update_state(state=ReportedLifecycleState.ERRORED)
-        except Exception as report_error:  # noqa: BLE001 -- the nucleus sees our exit code anyway
-            log.warning("could not report ERRORED to the nucleus: %s", report_error)
+            ask(self._client.update_state_async(state=ReportedLifecycleState.ERRORED), "UpdateState ERRORED")
+        except TransportError as report_error:  # the nucleus sees our exit code anyway
+            log.warning("%s", report_error)
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -241,16 +259,14 @@ class NucleusHost(Host):
         previous = self._operations.pop(name, None)
         if previous is not None:
             previous.close()
-        try:
-            _, self._operations[name] = subscribe(on_stream_event=on_event, on_stream_error=lambda error: False, **request)
-        except (UnauthorizedError, InvalidArgumentsError) as error:
-            raise TransportError(f"transport greengrass: the nucleus refused {name} ({error.message}); check the recipe's accessControl") from None
+        subscribed, self._operations[name] = subscribe(on_stream_event=on_event, on_stream_error=lambda error: False, **request)
+        ask(subscribed, f"the {name} subscription")
 
     def _subscribe_commands(self) -> None:
         """Commands are a convenience: a refused subscription is reported, and results keep flowing."""
         topic = self._pipeline.transport.topics.commands
         try:
-            self._subscribe("commands", self._client.subscribe_to_iot_core, IoTCoreMessage, topic_name=topic, qos=QOS.AT_LEAST_ONCE)
+            self._subscribe("commands", self._client.subscribe_to_iot_core_async, IoTCoreMessage, topic_name=topic, qos=QOS.AT_LEAST_ONCE)
         except TransportError as error:
             log.warning("no commands will be received: %s", error)
 
@@ -274,7 +290,7 @@ class NucleusHost(Host):
             self._command(event.message.payload)
 
     def _fetch_settings(self) -> Settings:
-        value = self._client.get_configuration(key_path=[]).value or {}
+        value = ask(self._client.get_configuration_async(key_path=[]), "GetConfiguration").value or {}
         return validate_settings(deep_merge(self._layers, configuration_layer(value)), origin="component configuration")
 
     def _reconfigure(self) -> None:
@@ -300,7 +316,7 @@ class NucleusHost(Host):
         if _in(changed, "source"):
             pipeline.source.close()
             pipeline.source = open_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
-        later = sorted(name for name in changed if any(_in({name}, stage) for stage in RESTART_ONLY))
+        later = sorted(name for name in changed if not any(_in({name}, stage) for stage in LIVE))
         if later:
             log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
 
@@ -327,9 +343,10 @@ class NucleusHost(Host):
         if pending is None:
             return
         if self._loading is not None:
-            self._client.defer_component_update(deployment_id=pending.deployment_id, message="model swap in progress", recheck_after_ms=RECHECK_AFTER_MS)
+            answer = self._client.defer_component_update_async(deployment_id=pending.deployment_id, message="model swap in progress", recheck_after_ms=RECHECK_AFTER_MS)
         else:
-            self._client.defer_component_update(deployment_id=pending.deployment_id, recheck_after_ms=0)
+            answer = self._client.defer_component_update_async(deployment_id=pending.deployment_id, recheck_after_ms=0)
+        ask(answer, "DeferComponentUpdate")
 
     def _command(self, payload: bytes) -> None:
         """Commands on topics.commands: {"command": "status"} republishes the status message now."""

@@ -1,0 +1,151 @@
+"""Results per second through Greengrass IPC (against the test nucleus), beside the console transport.
+Prints JSON; asserts nothing (not collected by pytest).
+
+    .venv/bin/python tests/benchmarks/bench_greengrass.py [--messages 3000] [--frames 480]
+
+- transport: real inference results (from the shipped model on the sample video) handed to each
+  transport as fast as it takes them; for the Greengrass transport, the clock stops when the nucleus
+  has acknowledged the last one (outbox -> PublishToIoTCore -> nucleus). Measured with the outbox's
+  rate limit lifted and with IoT Core's 100 publishes/s quota, which is what a device really gets.
+- agent: the whole agent as a process, unpaced sample video, console vs greengrass (with the nucleus's
+  environment; IoT Core's quota, then lifted): frames/s and results/s from process start to exit
+  (including the outbox draining at close), and seconds from process start to the first result.
+The test nucleus runs in this process (one Python thread per connection), so its own cost is included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from conftest import REPO, SAMPLE_VIDEO, agent_env  # noqa: E402
+from ipc_server import IpcServer, merge_configuration  # noqa: E402
+
+from agent.app import build_pipeline  # noqa: E402
+from agent.config import Settings  # noqa: E402
+from agent.messages import SequenceCounter  # noqa: E402
+from agent.topics import Topics  # noqa: E402
+from agent.transport.console import ConsoleTransport  # noqa: E402
+
+THING = "bench-1"
+RECIPE = json.loads((REPO / "deploy" / "greengrass" / "recipe.json").read_text())
+
+
+def real_results(count: int) -> list:
+    settings = Settings(source={"spec": str(SAMPLE_VIDEO), "loop": True})
+    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(THING))
+    results = []
+    while len(results) < count:
+        result = pipeline.process(pipeline.source.read())
+        if result is not None:
+            results.append(result)
+    pipeline.source.close()
+    return results
+
+
+def console_rate(results: list) -> float:
+    with open(os.devnull, "w") as sink:
+        transport = ConsoleTransport(out=sink, side=sink)
+        start = time.perf_counter()
+        for result in results:
+            transport.publish(result)
+        return len(results) / (time.perf_counter() - start)
+
+
+def greengrass_rate(results: list, workdir: Path, publishes_per_s: float) -> float:
+    from agent.transport.greengrass import from_settings
+
+    configuration = RECIPE["ComponentConfiguration"]["DefaultConfiguration"]
+    with IpcServer(workdir / "ipc.socket", thing_name=THING, configuration=configuration) as nucleus:
+        os.environ.update(nucleus.component_env())
+        outbox = {"path": str(workdir / f"outbox-{publishes_per_s:g}.sqlite3"), "max_publishes_per_s": publishes_per_s, "max_bytes_per_s": 1e12}
+        settings = Settings(thing_name=THING, transport="greengrass", outbox=outbox)
+        transport = from_settings(settings, Topics.for_thing(settings.topics, THING))
+        pipeline = build_pipeline(settings, transport, SequenceCounter(THING))
+        transport.start(pipeline.status("online"))
+        inference = f"edge/{THING}/inference"
+        start = time.perf_counter()
+        for result in results:
+            transport.publish(result)
+        nucleus.wait_for(lambda: len(nucleus.published_to(inference)) >= len(results), timeout=600)
+        elapsed = time.perf_counter() - start
+        pipeline.source.close()
+        transport.close(pipeline.status("offline"))
+    return len(results) / elapsed
+
+
+def agent_run(transport: str, frames: int, workdir: Path, publishes_per_s: float = 100.0) -> dict:
+    """The agent as a process; frames/s and results/s over the whole run, and time to the first result."""
+    flags = ["run", "--source", str(SAMPLE_VIDEO), "--loop", "--max-frames", str(frames), "--transport", transport]
+    nucleus = None
+    if transport == "greengrass":
+        settings = {"source": {"spec": str(SAMPLE_VIDEO), "loop": True}, "max_frames": frames, "outbox": {"max_publishes_per_s": publishes_per_s}}
+        configuration = merge_configuration(RECIPE["ComponentConfiguration"]["DefaultConfiguration"], settings)
+        nucleus = IpcServer(workdir / "agent-ipc.socket", thing_name=THING, configuration=configuration).start()
+        env = nucleus.component_env()
+        flags += ["--thing-name", THING]
+    else:
+        env = agent_env()
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "agent", *flags], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = None
+    if nucleus is None:
+        for line in process.stdout:
+            first = first or time.perf_counter() - start
+    else:
+        try:
+            nucleus.wait_for(lambda: nucleus.published_to(f"edge/{THING}/inference"), timeout=120)
+        except TimeoutError:
+            process.kill()
+            raise SystemExit(f"no result reached the nucleus; the agent said: {process.communicate()[1][-2000:]}") from None
+        first = time.perf_counter() - start
+    _, stderr = process.communicate(timeout=600)
+    elapsed = time.perf_counter() - start
+    summary = json.loads(stderr.strip().splitlines()[-1])
+    if nucleus is not None:
+        nucleus.stop()
+    return {
+        "frames_per_s": round(summary["frames"] / elapsed, 1),
+        "results_per_s": round(summary["results"] / elapsed, 1),
+        "first_result_s": round(first, 2),
+        "wall_s": round(elapsed, 2),
+        "exit": process.returncode,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--frames", type=int, default=480)
+    args = parser.parse_args()
+    results = real_results(args.messages)
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(scratch)
+        report = {
+            "transport_results_per_s": {
+                "console": round(console_rate(results)),
+                "greengrass_ipc_unlimited": round(greengrass_rate(results, workdir, 1e9)),
+                "greengrass_ipc_iot_core_quota": round(greengrass_rate(results[:500], workdir, 100.0), 1),
+            },
+            "agent_process": {
+                "console": agent_run("console", args.frames, workdir),
+                "greengrass_iot_core_quota": agent_run("greengrass", args.frames, workdir),
+                "greengrass_quota_lifted": agent_run("greengrass", args.frames, workdir, publishes_per_s=1e9),
+            },
+            "messages": args.messages,
+            "payload_bytes_mean": round(sum(len(r.to_json_bytes()) for r in results) / len(results)),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
