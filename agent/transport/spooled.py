@@ -30,6 +30,8 @@ MAX_PAYLOAD_BYTES = 128 * 1024  # IoT Core refuses larger payloads
 QOS_AT_LEAST_ONCE = 1
 FETCH_LIMIT = 256  # messages read from the outbox per query
 HOUSEKEEPING_S = 1.0  # how often the sender expires old messages
+DELETE_BATCH = 256  # acknowledged messages deleted per outbox transaction, at most
+DELETE_DELAY_S = 0.05  # and at the latest this long after the first of them was acknowledged
 LOG_EVERY_S = 10.0  # at most one warning per this interval about dropped messages
 
 
@@ -84,6 +86,8 @@ class SpooledTransport(Transport):
         self._backoff_s = settings.retry_initial_s
         self._stats = TransportStats()
         self._quiet_until = 0.0
+        self._finished: list[int] = []  # acknowledged or refused, not yet deleted from the outbox
+        self._finished_since = 0.0
         self._sender = threading.Thread(target=self._send_loop, name="outbox-sender", daemon=True)
 
     # -- pipeline side ------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ class SpooledTransport(Transport):
             except sqlite3.Error as error:  # a disk fault must not kill the sender: wait and try again
                 log.warning("outbox %s: %s; retrying", self.outbox.path, error)
                 self._stop.wait(HOUSEKEEPING_S)
-        self._settle()
+        self._settle(flush=True)
 
     def _step(self, cursor: int) -> int:
         """One round: settle acknowledgements, housekeeping, send what the window and quotas allow, or wait."""
@@ -187,13 +191,16 @@ class SpooledTransport(Transport):
             self.outbox.sync()
             self._next_sync = now + self.settings.sync_interval_s
         batch = self._next_batch(cursor, now)
+        pause_s = DELETE_DELAY_S if self._finished else HOUSEKEEPING_S
         if batch is None:  # waiting out a backoff or a full window
-            self._wake.wait(max(0.001, min(self._retry_at - now, HOUSEKEEPING_S)) if self._retry_at > now else HOUSEKEEPING_S)
+            self._wake.wait(max(0.001, min(self._retry_at - now, pause_s)) if self._retry_at > now else pause_s)
             return cursor
         if not batch:
-            if self._draining and not self._in_flight and not self._retry:
-                self._idle.set()
-            self._wake.wait(HOUSEKEEPING_S)
+            if not self._in_flight and not self._retry:
+                self._settle(flush=True)
+                if self._draining:
+                    self._idle.set()
+            self._wake.wait(pause_s)
             return cursor
         for item in batch:
             self._send(item)
@@ -222,9 +229,12 @@ class SpooledTransport(Transport):
             future.set_exception(error)
         future.add_done_callback(lambda f, item=item: (self._done.append((item, f)), self._wake.set()))
 
-    def _settle(self) -> None:
-        """Act on acknowledgements: delete the acknowledged and the refused, schedule the rest for a resend."""
-        finished, transient = [], False
+    def _settle(self, flush: bool = False) -> None:
+        """Act on acknowledgements: delete the acknowledged and the refused, schedule the rest for a resend.
+
+        Deletions are committed in batches (DELETE_BATCH ids, or DELETE_DELAY_S after the first): a crash in
+        between only means those messages are sent once more, which QoS1 receivers expect anyway."""
+        finished, transient = self._finished, False
         while self._done:
             item, future = self._done.popleft()
             self._in_flight.pop(item.id, None)
@@ -242,5 +252,8 @@ class SpooledTransport(Transport):
         if transient:  # one backoff step per round of failures, however many messages failed together
             self._retry_at = time.monotonic() + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self.settings.retry_max_s)
-        if finished:
+        if finished and not self._finished_since:
+            self._finished_since = time.monotonic()
+        if finished and (flush or len(finished) >= DELETE_BATCH or time.monotonic() - self._finished_since >= DELETE_DELAY_S):
             self.outbox.remove(finished)
+            self._finished, self._finished_since = [], 0.0
