@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from agent.errors import ModelError
 from agent.signing import verify
+from agent.vision.registry import PREPROCESSORS
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -62,8 +63,8 @@ class OutputSpec(Strict):
 class InputSpec(OutputSpec):
     layout: Literal["NHWC"] = "NHWC"
     colour: Literal["gray", "rgb"]
-    # How a frame becomes this tensor; the agent must know the id (agent/vision implements each one).
-    preprocessing: Literal["mnist-digits"]
+    # How a frame becomes this tensor: an id of agent/vision/registry.py's PREPROCESSORS.
+    preprocessing: str
 
 
 class Metrics(Strict):
@@ -101,7 +102,6 @@ class ClassificationManifest(ManifestBase):
     labels: list[str] = Field(min_length=1)
 
 
-Manifest = ClassificationManifest
 # task id -> manifest model. A detection task adds its model here (with boxes in its output spec).
 MANIFEST_TYPES: dict[str, type[ManifestBase]] = {"classification": ClassificationManifest}
 
@@ -132,9 +132,11 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> ManifestBase:
     if not isinstance(raw, dict):
         raise ModelError(f"{where}: manifest must be a JSON object; rebuild it with `edge-fleet model pack`")
     task = raw.get("task")
-    if task not in MANIFEST_TYPES:
-        known = ", ".join(MANIFEST_TYPES)
-        raise ModelError(f"{where}: unknown task {task!r} (this agent knows: {known}); update the agent or fix the manifest")
+    spec = raw.get("input")
+    preprocessing = spec.get("preprocessing") if isinstance(spec, dict) else None
+    for kind, value, known in (("task", task, MANIFEST_TYPES), ("preprocessing id", preprocessing, PREPROCESSORS)):
+        if value not in known:
+            raise ModelError(f"{where}: unknown {kind} {value!r} (this agent knows: {', '.join(known)}); update the agent or fix the manifest")
     try:
         return MANIFEST_TYPES[task].model_validate(raw)
     except ValidationError as exc:

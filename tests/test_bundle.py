@@ -148,7 +148,7 @@ def test_real_tensors_disagree_with_manifest(tmp_path, test_key, edit, match):
 
 @pytest.mark.parametrize("field, value, match", [
     ("task", "detection", "unknown task 'detection'"),
-    ("preprocessing", "coco-letterbox", "input.preprocessing"),
+    ("preprocessing", "coco-letterbox", "unknown preprocessing id 'coco-letterbox'"),
 ])
 def test_unknown_task_or_preprocessing_id(tmp_path, test_key, field, value, match):
     bundle = copy_bundle(tmp_path / "b")
