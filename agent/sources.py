@@ -105,9 +105,13 @@ class VideoFileSource(FrameSource):
 
     def read(self) -> Frame | None:
         bad_in_a_row = 0
-        while self._capture is not None:
-            position = int(self._capture.get(cv2.CAP_PROP_POS_FRAMES))
-            ok, image = self._capture.read()
+        # `capture`, not self._capture: a stop signal's handler may close() the source between two lines
+        # here (it runs on this thread, between bytecodes); a released capture just reads nothing.
+        while (capture := self._capture) is not None:
+            position = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
+            ok, image = capture.read()
+            if self._capture is not capture:
+                return None
             if ok and image is not None:
                 self._pacer.wait()
                 frame = self._frame(image, self._index)
@@ -118,14 +122,15 @@ class VideoFileSource(FrameSource):
                 bad_in_a_row += 1
                 self.stats.corrupt += 1
                 self._index += 1
-                if int(self._capture.get(cv2.CAP_PROP_POS_FRAMES)) <= position:
-                    self._capture.set(cv2.CAP_PROP_POS_FRAMES, position + 1)
+                if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) <= position:
+                    capture.set(cv2.CAP_PROP_POS_FRAMES, position + 1)
                 continue
             if not self._loop or self._index == 0:
                 self.close()
                 return None
-            self._capture.release()
-            self._capture = self._open()
+            capture.release()
+            if self._capture is capture:
+                self._capture = self._open()
         return None
 
     def close(self) -> None:

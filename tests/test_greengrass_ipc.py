@@ -258,3 +258,29 @@ def test_link_rejects_for_good_and_reconnects_after_the_nucleus_restarts(tmp_pat
     finally:
         link.close()
         nucleus.stop()
+
+
+def test_a_model_that_fails_to_load_is_reported_and_the_old_one_keeps_serving(greengrass, tmp_path):
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results())
+    nucleus.update_configuration({"model": {"bundle": str(tmp_path / "no-such-bundle")}})
+    nucleus.wait_for(lambda: any(m.json()["state"] == "degraded" for m in nucleus.published_to(STATUS)))
+    served = len(component.results())
+    nucleus.wait_for(lambda: len(component.results()) > served + 2)
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    degraded = next(m.json() for m in nucleus.published_to(STATUS) if m.json()["state"] == "degraded")
+    assert "no-such-bundle" in degraded["reason"]
+    assert len({r["model"]["version"] for r in component.results()}) == 1
+    assert nucleus.states == ["RUNNING"]
+
+
+def test_outside_a_nucleus_the_greengrass_transport_is_one_clear_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    process = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "agent", "run", "--transport", "greengrass"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [
+        "edge-agent: transport greengrass: AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT is not set; this transport runs only "
+        "when a Greengrass nucleus starts the agent from its recipe (use --transport mqtt or console elsewhere)"
+    ]

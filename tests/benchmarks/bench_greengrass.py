@@ -1,7 +1,7 @@
 """Results per second through Greengrass IPC (against the test nucleus), beside the console transport.
 Prints JSON; asserts nothing (not collected by pytest).
 
-    .venv/bin/python tests/benchmarks/bench_greengrass.py [--messages 3000] [--frames 480]
+    .venv/bin/python tests/benchmarks/bench_greengrass.py [--messages 3000] [--frames 480] [--seconds 10]
 
 - transport: real inference results (from the shipped model on the sample video) handed to each
   transport as fast as it takes them; for the Greengrass transport, the clock stops when the nucleus
@@ -10,6 +10,8 @@ Prints JSON; asserts nothing (not collected by pytest).
 - agent: the whole agent as a process, unpaced sample video, console vs greengrass (with the nucleus's
   environment; IoT Core's quota, then lifted): frames/s and results/s from process start to exit
   (including the outbox draining at close), and seconds from process start to the first result.
+- paced_30fps: `edge-agent bench`'s figures (CPU % of one core, memory, start to first result) for the
+  agent reading the sample video at a camera's 30 fps, console vs under the nucleus.
 The test nucleus runs in this process (one Python thread per connection), so its own cost is included.
 """
 
@@ -31,6 +33,7 @@ from conftest import REPO, SAMPLE_VIDEO, agent_env  # noqa: E402
 from ipc_server import IpcServer, merge_configuration  # noqa: E402
 
 from agent.app import build_pipeline  # noqa: E402
+from agent.bench import _cpu_seconds, _memory_kb, bench_paced  # noqa: E402
 from agent.config import Settings  # noqa: E402
 from agent.messages import SequenceCounter  # noqa: E402
 from agent.topics import Topics  # noqa: E402
@@ -96,7 +99,9 @@ def agent_run(transport: str, frames: int, workdir: Path, publishes_per_s: float
     else:
         env = agent_env()
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "agent", *flags], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_file = (workdir / f"{transport}.stderr").open("w+")  # a file, not a pipe: the agent never blocks on it
+    stdout = subprocess.PIPE if nucleus is None else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "-m", "agent", *flags], cwd=workdir, env=env, stdout=stdout, stderr=stderr_file, text=True)
     first = None
     if nucleus is None:
         for line in process.stdout:
@@ -106,9 +111,14 @@ def agent_run(transport: str, frames: int, workdir: Path, publishes_per_s: float
             nucleus.wait_for(lambda: nucleus.published_to(f"edge/{THING}/inference"), timeout=120)
         except TimeoutError:
             process.kill()
-            raise SystemExit(f"no result reached the nucleus; the agent said: {process.communicate()[1][-2000:]}") from None
+            process.wait()
+            stderr_file.seek(0)
+            raise SystemExit(f"no result reached the nucleus; the agent said: {stderr_file.read()[-2000:]}") from None
         first = time.perf_counter() - start
-    _, stderr = process.communicate(timeout=600)
+    process.communicate(timeout=600)
+    stderr_file.seek(0)
+    stderr = stderr_file.read()
+    stderr_file.close()
     elapsed = time.perf_counter() - start
     summary = json.loads(stderr.strip().splitlines()[-1])
     if nucleus is not None:
@@ -122,10 +132,39 @@ def agent_run(transport: str, frames: int, workdir: Path, publishes_per_s: float
     }
 
 
+def greengrass_paced(seconds: float, workdir: Path, fps: float = 30.0) -> dict:
+    """`edge-agent bench`'s paced figures (CPU, memory, first result) for the agent under the nucleus."""
+    settings = {"source": {"spec": str(SAMPLE_VIDEO), "loop": True, "pace_fps": fps}}
+    configuration = merge_configuration(RECIPE["ComponentConfiguration"]["DefaultConfiguration"], settings)
+    with IpcServer(workdir / "paced-ipc.socket", thing_name=THING, configuration=configuration) as nucleus:
+        command = [sys.executable, "-m", "agent", "run", "--transport", "greengrass", "--thing-name", THING]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=workdir, env=nucleus.component_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            nucleus.wait_for(lambda: nucleus.published_to(f"edge/{THING}/inference"), timeout=120)
+            first_result_s = time.perf_counter() - start
+            time.sleep(1.0)  # past start-up
+            cpu0, t0 = _cpu_seconds(process.pid), time.perf_counter()
+            time.sleep(seconds)
+            cpu1, t1 = _cpu_seconds(process.pid), time.perf_counter()
+            rss_kb, peak_kb = _memory_kb(process.pid, "VmRSS"), _memory_kb(process.pid, "VmHWM")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    return {
+        "fps": fps,
+        "cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
+        "rss_mb": round(rss_kb / 1024, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "start_to_first_result_s": round(first_result_s, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--frames", type=int, default=480)
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long each paced 30 fps run is measured")
     args = parser.parse_args()
     results = real_results(args.messages)
     with tempfile.TemporaryDirectory() as scratch:
@@ -140,6 +179,10 @@ def main() -> None:
                 "console": agent_run("console", args.frames, workdir),
                 "greengrass_iot_core_quota": agent_run("greengrass", args.frames, workdir),
                 "greengrass_quota_lifted": agent_run("greengrass", args.frames, workdir, publishes_per_s=1e9),
+            },
+            "paced_30fps": {
+                "console": bench_paced(Settings(source={"spec": str(SAMPLE_VIDEO)}), args.seconds),
+                "greengrass": greengrass_paced(args.seconds, workdir),
             },
             "messages": args.messages,
             "payload_bytes_mean": round(sum(len(r.to_json_bytes()) for r in results) / len(results)),
