@@ -43,6 +43,13 @@ def test_shipped_model_meets_its_targets(shipped_model):
     assert manifest.name == "mnist-int8"
 
 
+def test_shipped_bundle_was_made_by_the_committed_training_program(shipped_model):
+    """Editing models/mnist/*.py without retraining leaves a bundle nobody can rebuild: retrain and commit both."""
+    from models.mnist.train import program_sha256
+
+    assert shipped_model.manifest.provenance.program_sha256 == program_sha256()
+
+
 def test_golden_set_is_mnist_test_images_with_their_labels(shipped_model):
     mnist = load_mnist(MNIST)
     bundle = shipped_model.bundle
