@@ -71,6 +71,18 @@ def _memory_kb(pid: int, key: str) -> int:
     return 0
 
 
+def measure_process(pid: int, seconds: float) -> dict:
+    """CPU (% of one core) over `seconds`, then resident and peak memory, of a running process, via /proc."""
+    cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+    time.sleep(seconds)
+    cpu1, t1 = _cpu_seconds(pid), time.perf_counter()
+    return {
+        "cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
+        "rss_mb": round(_memory_kb(pid, "VmRSS") / 1024, 1),
+        "peak_rss_mb": round(_memory_kb(pid, "VmHWM") / 1024, 1),
+    }
+
+
 def bench_paced(settings: Settings, seconds: float, fps: float = 30.0) -> dict:
     """Run the agent as its own process at a camera's rate; measure it from outside, through /proc."""
     command = [sys.executable, "-m", "agent", "run", "--source", settings.source.spec, "--model", str(settings.model.bundle), "--loop", "--pace-fps", str(fps)]
@@ -86,20 +98,11 @@ def bench_paced(settings: Settings, seconds: float, fps: float = 30.0) -> dict:
         # Drain stdout on a thread so the agent never blocks on a full pipe while we measure.
         threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
         time.sleep(1.0)  # past start-up
-        cpu0, t0 = _cpu_seconds(process.pid), time.perf_counter()
-        time.sleep(seconds)
-        cpu1, t1 = _cpu_seconds(process.pid), time.perf_counter()
-        rss_kb, peak_kb = _memory_kb(process.pid, "VmRSS"), _memory_kb(process.pid, "VmHWM")
+        measured = measure_process(process.pid, seconds)
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return {
-        "fps": fps,
-        "cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
-        "rss_mb": round(rss_kb / 1024, 1),
-        "peak_rss_mb": round(peak_kb / 1024, 1),
-        "start_to_first_result_s": round(first_result_s, 3),
-    }
+    return {"fps": fps, **measured, "start_to_first_result_s": round(first_result_s, 3)}
 
 
 def run_bench(settings: Settings, seconds: float = 10.0) -> dict:

@@ -33,7 +33,7 @@ from conftest import REPO, SAMPLE_VIDEO, agent_env  # noqa: E402
 from ipc_server import IpcServer, merge_configuration  # noqa: E402
 
 from agent.app import build_pipeline  # noqa: E402
-from agent.bench import _cpu_seconds, _memory_kb, bench_paced  # noqa: E402
+from agent.bench import bench_paced, measure_process  # noqa: E402
 from agent.config import Settings  # noqa: E402
 from agent.messages import SequenceCounter  # noqa: E402
 from agent.topics import Topics  # noqa: E402
@@ -144,20 +144,11 @@ def greengrass_paced(seconds: float, workdir: Path, fps: float = 30.0) -> dict:
             nucleus.wait_for(lambda: nucleus.published_to(f"edge/{THING}/inference"), timeout=120)
             first_result_s = time.perf_counter() - start
             time.sleep(1.0)  # past start-up
-            cpu0, t0 = _cpu_seconds(process.pid), time.perf_counter()
-            time.sleep(seconds)
-            cpu1, t1 = _cpu_seconds(process.pid), time.perf_counter()
-            rss_kb, peak_kb = _memory_kb(process.pid, "VmRSS"), _memory_kb(process.pid, "VmHWM")
+            measured = measure_process(process.pid, seconds)
         finally:
             process.terminate()
             process.wait(timeout=30)
-    return {
-        "fps": fps,
-        "cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
-        "rss_mb": round(rss_kb / 1024, 1),
-        "peak_rss_mb": round(peak_kb / 1024, 1),
-        "start_to_first_result_s": round(first_result_s, 3),
-    }
+    return {"fps": fps, **measured, "start_to_first_result_s": round(first_result_s, 3)}
 
 
 def main() -> None:
