@@ -162,14 +162,15 @@ def model_1_0_1(tmp_path) -> tuple[Path, Path]:
 
 def test_new_model_version_swaps_live_and_defers_restarts_meanwhile(greengrass, model_1_0_1):
     new_bundle, test_key = model_1_0_1
-    component = greengrass(sample(loop=True, pace_fps=4))
+    component = greengrass({**sample(loop=True, pace_fps=4), "updates": {"health_frames": 5}})
     nucleus = component.nucleus
     nucleus.wait_for(lambda: component.results())
     shipped_version = component.results()[0]["model"]["version"]
     trusted = [str(REPO / "models" / "keys" / "dev-signing.pub"), str(test_key)]
     nucleus.update_configuration({"model": {"bundle": str(new_bundle), "trusted_keys": trusted}})
     nucleus.announce_component_update("deployment-1")  # arrives while the new model loads
-    nucleus.wait_for(lambda: any(r["model"]["version"] == "1.0.1" for r in component.results()))
+    swapped = lambda: [m for m in nucleus.published_to(STATUS) if m.json()["state"] == "online" and m.json()["model"]["version"] == "1.0.1"]  # noqa: E731
+    nucleus.wait_for(swapped)  # announced once the update manager has watched the new model and kept it
     nucleus.announce_component_update("deployment-2")  # nothing in progress now
     nucleus.wait_for(lambda: len(nucleus.deferrals) == 2)
     code, stderr = component.stop()
@@ -181,7 +182,6 @@ def test_new_model_version_swaps_live_and_defers_restarts_meanwhile(greengrass, 
     first, second = nucleus.deferrals
     assert (first.deployment_id, first.message) == ("deployment-1", "model swap in progress") and first.recheck_after_ms > 0
     assert (second.deployment_id, second.recheck_after_ms) == ("deployment-2", 0)
-    assert any(m.json()["state"] == "online" and m.json()["model"]["version"] == "1.0.1" for m in nucleus.published_to(STATUS))
 
 
 def test_bad_auth_token_is_one_clear_line_and_nonzero_exit(greengrass):

@@ -34,16 +34,16 @@ from awsiot.greengrasscoreipc.model import (
     UnauthorizedError,
 )
 
-from agent.app import Host, load_configured_model
+from agent.app import Host
 from agent.config import ModelSettings, Settings, deep_merge, validate_settings
 from agent.errors import AgentError, ConfigError, TransportError
-from agent.model import LoadedModel
-from agent.pipeline import ModelSlot, Pipeline
+from agent.pipeline import Pipeline
 from agent.sources import open_source
 from agent.topics import Topics
 from agent.transport.base import PublishRejected
 from agent.transport.outbox import open_outbox
 from agent.transport.spooled import SpooledTransport
+from agent.updates import Status, UpdateManager
 
 log = logging.getLogger(__name__)
 logging.getLogger("awsiot").addHandler(logging.NullHandler())  # its connect errors become our one line
@@ -55,8 +55,8 @@ CONNECTION_LOST = (ConnectionClosedError, StreamClosedError, EventStreamError, A
 RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the nucleus asks again
 NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
 # What a running agent applies between two frames; any other change waits for the next start.
-LIVE = ("source", "model", "vision", "topics", "publish_empty", "metrics_interval_s")
-MODEL_LOADING = {f"model.{name}" for name in ModelSettings.model_fields}  # a change means loading the model again
+LIVE = ("source", "model", "topics", "publish_empty", "metrics_interval_s")
+MODEL_LOADING = {f"model.{name}" for name in ModelSettings.model_fields}  # a change means updating the model
 
 
 def open_ipc(timeout_s: float) -> GreengrassCoreIPCClientV2:
@@ -214,8 +214,9 @@ class NucleusHost(Host):
     def __init__(self, client: GreengrassCoreIPCClientV2):
         self._client = client
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
-        self._loading: Future | None = None
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-update")
+        self._loading: list[Future] = []  # model updates in order; the first may be running
+        self._updates: UpdateManager | None = None
         self._operations: dict[str, Any] = {}
         self._layers: dict[str, Any] = {}
         self._settings: Settings | None = None
@@ -233,6 +234,10 @@ class NucleusHost(Host):
 
     def serving(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
+        model = self._settings.model
+        self._updates = UpdateManager(
+            self._settings.updates, pipeline.slot, pipeline.observers, trusted_keys=model.trusted_keys, backend=model.backend, num_threads=model.num_threads
+        )
         pipeline.between_frames.append(self.apply_pending)
         self._subscribe_commands()
         ask(self._client.update_state_async(state=ReportedLifecycleState.RUNNING), "UpdateState RUNNING")
@@ -276,8 +281,8 @@ class NucleusHost(Host):
         """Between two frames: apply what the nucleus sent since the last frame, and a loaded model.
 
         A configuration change goes first, so an update announced with it sees the model swap it starts."""
-        if self._loading is not None and self._loading.done():
-            self._finish_model_swap()
+        while self._loading and self._loading[0].done():
+            self._report_model_update(self._loading.pop(0).result())
         events: dict[str, list] = {"configuration": [], "component-updates": [], "commands": []}
         while not self._events.empty():
             kind, event = self._events.get()
@@ -309,10 +314,8 @@ class NucleusHost(Host):
         if _in(changed, "topics"):
             pipeline.transport.topics = Topics.for_thing(new.topics, new.thing_name)
             self._subscribe_commands()
-        if _in(changed, "vision"):
-            pipeline.slot = ModelSlot(pipeline.slot.active.model, new.vision)
         if (changed & MODEL_LOADING) - {"model.score_threshold"}:
-            self._start_model_swap(new)
+            self._start_model_update(new)
         if _in(changed, "source"):
             pipeline.source.close()
             pipeline.source = open_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
@@ -320,29 +323,28 @@ class NucleusHost(Host):
         if later:
             log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
 
-    def _start_model_swap(self, settings: Settings) -> None:
-        """Load and check the new model off the pipeline thread; it goes into service between two frames."""
-        if self._loading is not None:
-            self._loading.cancel()
-        self._loading = self._loader.submit(load_configured_model, settings)
+    def _start_model_update(self, settings: Settings) -> None:
+        """The update manager verifies, validates, swaps and watches the new model on its own thread,
+        while frames keep flowing; its outcome is reported between two frames."""
+        model = settings.model
+        self._updates.trusted_keys = list(model.trusted_keys)
+        self._updates.backend, self._updates.num_threads = model.backend, model.num_threads
+        self._loading.append(self._loader.submit(self._updates.apply_bundle, model.bundle))
 
-    def _finish_model_swap(self) -> None:
-        loading, self._loading = self._loading, None
-        try:
-            model: LoadedModel = loading.result()
-        except AgentError as error:
-            log.warning("model not swapped, still serving %s: %s", self._pipeline.slot.active.ref.version, error)
-            self._pipeline.transport.publish(self._pipeline.status("degraded", reason=str(error)))
+    def _report_model_update(self, outcome) -> None:
+        pipeline = self._pipeline
+        if outcome.status == Status.SUCCEEDED:
+            pipeline.transport.publish(pipeline.status("online"))
             return
-        self._pipeline.slot.swap(model)
-        self._pipeline.transport.publish(self._pipeline.status("online"))
+        log.warning("model not updated, still serving %s %s: %s", pipeline.slot.active.ref.name, pipeline.slot.active.ref.version, outcome.message)
+        pipeline.transport.publish(pipeline.status("degraded", reason=outcome.message))
 
     def _answer_component_update(self, event: ComponentUpdatePolicyEvents) -> None:
         """Defer a restart while a model is loading; otherwise tell the nucleus to go ahead now."""
         pending = event.pre_update_event
         if pending is None:
             return
-        if self._loading is not None:
+        if self._loading:
             answer = self._client.defer_component_update_async(deployment_id=pending.deployment_id, message="model swap in progress", recheck_after_ms=RECHECK_AFTER_MS)
         else:
             answer = self._client.defer_component_update_async(deployment_id=pending.deployment_id, recheck_after_ms=0)
