@@ -60,15 +60,15 @@ class FleetStatus:
         return {"devices": [asdict(device) for device in self.devices], "versions": self.versions, "failed": len(self.failed)}
 
 
-def _iso(epoch_seconds: float | None) -> str | None:
+def iso_time(epoch_seconds: float | None) -> str | None:
     return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if epoch_seconds else None
 
 
-def _newest_timestamp(metadata: Any) -> float | None:
+def newest_timestamp(metadata: Any) -> float | None:
     """The latest `timestamp` anywhere in a shadow's metadata (each reported leaf carries its own)."""
     if isinstance(metadata, dict):
         stamps = [metadata["timestamp"]] if isinstance(metadata.get("timestamp"), (int, float)) else []
-        stamps += [stamp for value in metadata.values() if (stamp := _newest_timestamp(value)) is not None]
+        stamps += [stamp for value in metadata.values() if (stamp := newest_timestamp(value)) is not None]
         return max(stamps, default=None)
     return None
 
@@ -106,7 +106,7 @@ def device_status(aws: Aws, thing: str, connection: dict[str, Any] | None) -> De
         document = json.loads(shadow["payload"].read())
         model = document.get("state", {}).get("reported", {}).get("model") or {}
         device.model_version = model.get("version") if isinstance(model, dict) else None
-        if (stamp := _newest_timestamp(document.get("metadata", {}).get("reported"))) is not None:
+        if (stamp := newest_timestamp(document.get("metadata", {}).get("reported"))) is not None:
             seen.append(stamp)
     executions = aws.pages("iot", "list_job_executions_for_thing", "executionSummaries", thingName=thing)
     if executions:
@@ -119,7 +119,7 @@ def device_status(aws: Aws, thing: str, connection: dict[str, Any] | None) -> De
         device.connected = bool(connection.get("connected"))
         if not device.connected and connection.get("timestamp"):
             seen.append(connection["timestamp"] / 1000)
-    device.last_seen = _iso(max(seen, default=None))
+    device.last_seen = iso_time(max(seen, default=None))
     return device
 
 
