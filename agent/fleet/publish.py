@@ -116,9 +116,10 @@ def find_release(aws: Aws, bucket: str, version: str, name: str | None) -> Relea
         prefixes = aws.pages("s3", "list_objects_v2", "CommonPrefixes", Bucket=bucket, Prefix="models/", Delimiter="/")
         names = [entry["Prefix"].split("/")[1] for entry in prefixes]
         names = [candidate for candidate in names if aws.exists("s3", "head_object", Bucket=bucket, Key=record_key(candidate, version))]
-        if len(names) != 1:
-            found = ", ".join(names) or "none"
-            raise ModelError(f"version {version}: found in s3://{bucket} for models: {found}; pass --name to say which model")
+        if not names:
+            raise ModelError(f"version {version} was never published to s3://{bucket}; check --to and --bucket")
+        if len(names) > 1:
+            raise ModelError(f"version {version} was published in s3://{bucket} for models {', '.join(names)}; pass --name to say which")
         name = names[0]
     body = aws.call("s3", "get_object", Bucket=bucket, Key=record_key(name, version), fix=f"version {version} of {name} was never published to s3://{bucket}; publish it with `edge-fleet model publish`")["Body"].read()
     record = json.loads(body)
