@@ -110,7 +110,12 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
     server = LiveViewServer(pipeline, settings.liveview, metrics, health).start() if settings.liveview.enabled else None
     if server is not None:
         pipeline.observers += [metrics, server.view]
-    watchdog = supervise(pipeline, settings.watchdog, health, metrics, lambda: open_source(settings.source)) if settings.watchdog.enabled else None
+    watchdog = None
+    if settings.watchdog.enabled:
+        def announce(ok: bool, reason: str) -> None:  # health changes, on the retained status topic
+            pipeline.transport.publish(pipeline.status("online" if ok else "degraded", None if ok else reason))
+
+        watchdog = supervise(pipeline, settings.watchdog, health, metrics, lambda: open_source(settings.source), on_health=announce)
     try:
         yield health
     finally:

@@ -37,7 +37,7 @@ class WatchdogSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    enabled: bool = Field(True, description="restart a source or inference stage that is stuck")
+    enabled: bool = Field(True, description="restart a source or inference stage that is stuck, and report health changes on the status topic")
     stale_after_s: float = Field(10.0, gt=0, description="unhealthy (/healthz 503) when no frame arrived for this long")
     source_stall_s: float = Field(60.0, gt=0, description="restart the source when it delivers no frame for this long")
     inference_stall_s: float = Field(30.0, gt=0, description="restart inference when one frame takes this long")

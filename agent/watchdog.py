@@ -6,6 +6,9 @@ watchdog tells them apart by two times: when the pipeline last took a frame from
 it last finished one. A stage stuck past its limit is restarted once per limit; `max_restarts` restarts
 in a row without frames coming back mark the agent ERRORED (`Health.fault` and the `on_errored` hook,
 which the Greengrass component turns into UpdateState ERRORED). Frames flowing again clear it.
+
+The same thread reports each change of `Health` (`on_health`: the status topic's online/degraded). It
+has to be this thread: when the source is stuck, the pipeline thread is stuck with it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import threading
 import time
 from typing import Callable
 
-from agent.errors import AgentError
+from agent.errors import AgentError, SourceError
 from agent.model import LoadedModel
 from agent.observability import Health, Metrics, WatchdogSettings
 from agent.pipeline import ModelSlot, Pipeline
@@ -76,6 +79,7 @@ class Watchdog:
         metrics: Metrics,
         restart: dict[str, Callable[[], None]],
         on_errored: Callable[[str], None] | None = None,
+        on_health: Callable[[bool, str], None] | None = None,
     ):
         self._pipeline = pipeline
         self._settings = settings
@@ -83,6 +87,8 @@ class Watchdog:
         self._metrics = metrics
         self._restart = restart
         self._on_errored = on_errored
+        self._on_health = on_health
+        self._healthy = True  # as announced when the transport started ("online")
         self._finished: float = time.monotonic()  # when the last frame finished (start counts as one)
         self._last_restart: float = 0.0
         self._restarts_in_a_row = 0
@@ -129,14 +135,31 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def report_health(self) -> None:
+        """Tell `on_health` when health changed since the last report."""
+        ok, reason = self._health.check()
+        if ok != self._healthy:
+            self._healthy = ok
+            if self._on_health is not None:
+                self._on_health(ok, reason)
+
     def _run(self) -> None:
         while not self._stop.wait(self._settings.check_interval_s):
             self.check()
+            self.report_health()
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def restart_source(pipeline: Pipeline) -> None:
+    """Replace the pipeline's source with a freshly opened one, if it is one that can be (a live source)."""
+    source = pipeline.source
+    if not isinstance(source, RestartableSource):
+        raise SourceError(f"source {source.name}: cannot be restarted in place; restart the agent")
+    source.restart()
 
 
 def supervise(
@@ -146,15 +169,16 @@ def supervise(
     metrics: Metrics,
     reopen_source: Callable[[], FrameSource],
     on_errored: Callable[[str], None] | None = None,
+    on_health: Callable[[bool, str], None] | None = None,
 ) -> Watchdog:
-    """Watch `pipeline` (a live source becomes restartable) and start watching; close() the result to stop."""
+    """Watch `pipeline` (a live source becomes restartable) and start watching; close() the result to stop.
+
+    Restarts act on whatever source and model slot the pipeline has at that moment, so a source or
+    model replaced since (a configuration update) is the one restarted.
+    """
     if isinstance(pipeline.source, LiveSource):
         pipeline.source = RestartableSource(pipeline.source, reopen_source)
-    restart = {"inference": lambda: fresh_interpreter(pipeline.slot)}
-    if isinstance(pipeline.source, RestartableSource):
-        restart["source"] = pipeline.source.restart
-    else:
-        restart["source"] = lambda: None  # a file source does not hang; the stall is still counted and reported
-    watchdog = Watchdog(pipeline, settings, health, metrics, restart, on_errored)
+    restart = {"source": lambda: restart_source(pipeline), "inference": lambda: fresh_interpreter(pipeline.slot)}
+    watchdog = Watchdog(pipeline, settings, health, metrics, restart, on_errored, on_health)
     pipeline.observers.append(watchdog)
     return watchdog.start()

@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,19 +54,29 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0, 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class AgentProcess(str):
+    """The live view's base URL, which can also tell what the agent wrote to stderr so far."""
+
+    log: IO[str]
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+
 @contextmanager
-def running_agent(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def running_agent(*args: str, env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
     """`edge-agent run --liveview ARGS` as a process; yields the live view's base URL once it answers."""
     port = free_port()
     command = [sys.executable, "-m", "agent", "run", "--liveview", "--liveview-port", str(port), *map(str, args)]
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty agent must never block on it
+    log = tempfile.TemporaryFile(mode="a+")  # a file, not a pipe (a chatty agent never blocks); appending, so reading it never moves where the agent writes
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, cwd=REPO, env=agent_env(**(env or {})))
-    url = f"http://127.0.0.1:{port}/"
+    url = AgentProcess(f"http://127.0.0.1:{port}/")
+    url.log = log
 
     def answering() -> bool:
         if process.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"the agent exited with {process.returncode}: {log.read()[-2000:]}")
+            raise AssertionError(f"the agent exited with {process.returncode}: {url.stderr()[-2000:]}")
         try:
             return get(url + "healthz", timeout=1)[0] in (200, 503)
         except OSError:

@@ -4,6 +4,7 @@ stream this test serves over HTTP and can stop, restart or freeze, read by OpenC
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -126,15 +127,24 @@ def test_healthz_follows_the_camera(camera):
         "EDGE_AGENT_SOURCE__RECONNECT_MAX_S": "0.5",
         "EDGE_AGENT_SOURCE__READ_TIMEOUT_S": "2",
     }
-    with running_agent("--source", camera.url, env=env) as url:
-        wait_for(lambda: get(url + "healthz")[0] == 200, "healthy while the camera streams")
+    with running_agent("--source", camera.url, env=env) as agent:
+        wait_for(lambda: get(agent + "healthz")[0] == 200, "healthy while the camera streams")
         camera.stop()
-        status, body = wait_for(lambda: (answer := get(url + "healthz"))[0] == 503 and answer, "unhealthy once the camera is gone")
+        status, body = wait_for(lambda: (answer := get(agent + "healthz"))[0] == 503 and answer, "unhealthy once the camera is gone")
         assert f"no frame from {camera.url} for" in body.decode()
-        assert metrics(url)["edge_agent_healthy"] == 0
+        assert metrics(agent)["edge_agent_healthy"] == 0
+        # The status topic (the console transport's stderr) says the same, with the same reason.
+        states = wait_for(lambda: (found := statuses(agent))[-1]["state"] == "degraded" and found, "degraded on the status topic")
+        assert states[0]["state"] == "online" and f"no frame from {camera.url} for" in states[-1]["reason"]
         camera.start()
-        wait_for(lambda: get(url + "healthz")[0] == 200, "healthy again once the camera is back")
-        assert metrics(url)["edge_agent_source_reconnects_total"] >= 1
+        wait_for(lambda: get(agent + "healthz")[0] == 200, "healthy again once the camera is back")
+        assert metrics(agent)["edge_agent_source_reconnects_total"] >= 1
+        wait_for(lambda: statuses(agent)[-1]["state"] == "online", "online again on the status topic")
+
+
+def statuses(agent) -> list[dict]:
+    messages = (json.loads(line) for line in agent.stderr().splitlines() if line.startswith("{"))
+    return [m for m in messages if m["kind"] == "status"]
 
 
 class Running:
@@ -147,7 +157,11 @@ class Running:
         self.health = Health(self.pipeline, watchdog.stale_after_s)
         self.metrics = Metrics(self.pipeline, "console", self.health)
         self.errored: list[str] = []
-        self.watchdog = supervise(self.pipeline, watchdog, self.health, self.metrics, lambda: open_source(settings.source), self.errored.append)
+        self.health_changes: list[tuple[bool, str]] = []
+        self.watchdog = supervise(
+            self.pipeline, watchdog, self.health, self.metrics, lambda: open_source(settings.source),
+            on_errored=self.errored.append, on_health=lambda ok, reason: self.health_changes.append((ok, reason)),
+        )
         self.thread = threading.Thread(target=self.pipeline.run, daemon=True)
         self.thread.start()
 
@@ -200,6 +214,9 @@ def test_watchdog_reports_errored_when_restarts_do_not_help_and_clears_it(camera
         running.frames_flow("frames once the camera is back")
         wait_for(lambda: running.health.check()[0], "the fault cleared once frames flow")
         assert len(running.errored) == 1
+        # What the status topic was told: degraded (with the reason) once, then online again.
+        wait_for(lambda: running.health_changes[-1][0], "the recovery to be reported")
+        assert (False, running.errored[0]) in running.health_changes
     finally:
         running.close()
 
