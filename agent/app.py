@@ -26,9 +26,9 @@ TRANSPORTS = {
     "mqtt": "agent.transport.mqtt:from_settings",
     "greengrass": "agent.transport.greengrass:from_settings",
 }
-# Transports whose agent runs under a supervisor with its own say (the Greengrass nucleus). Each factory
-# takes the settings and returns a Host; every other transport runs under the do-nothing Host below.
-HOSTS = {"greengrass": "agent.transport.greengrass:host_from_settings"}
+# Transports whose agent runs under a supervisor with its own say (the Greengrass nucleus; IoT Core's Jobs
+# and Shadow for mqtt). Each factory takes the settings and returns a Host; console runs under the do-nothing Host below.
+HOSTS = {"greengrass": "agent.transport.greengrass:host_from_settings", "mqtt": "agent.cloud.host:host_from_settings"}
 
 
 class Host:

@@ -32,7 +32,7 @@ from agent.bundle import MANIFEST, SEMVER, SHA256, SIGNATURE, canonical_bytes, o
 from agent.errors import AgentError, ModelError
 from agent.fetch import DownloadError, DownloadSettings, Progress, fetch
 from agent.model import LoadedModel, load_model
-from agent.runtime import Runtime
+from agent.runtime import BackendName, Runtime
 from agent.signing import Signature, key_id, load_public_key, verify
 from agent.store import ModelStore, check_name_version
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the pipeline imports the settings tree, which holds UpdateS
     from agent.pipeline import ActiveModel, ModelSlot
 
 OPERATION = "model-update"
+MAX_MANIFEST_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -126,6 +127,14 @@ class ModelUpdate(BaseModel):
     size: int = Field(gt=0, description="size of the bundle .zip in bytes")
     signature: Signature | None = Field(None, description="the operator's Ed25519 signature of document_signed_bytes(name, version, sha256, size)")
     allow_downgrade: bool = Field(False, description="install even if older than the version serving now")
+
+
+JOB_SCHEMA_ID = "https://github.com/edge-agent/schemas/model-update.schema.json"
+
+
+def job_document_schema() -> dict:
+    """The JSON Schema of a model-update job document (committed as deploy/jobs/model-update.schema.json)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": JOB_SCHEMA_ID, **ModelUpdate.model_json_schema()}
 
 
 def document_signed_bytes(name: str, version: str, sha256: str, size: int) -> bytes:
@@ -266,7 +275,7 @@ class UpdateManager:
         observers: list,
         *,
         trusted_keys: Sequence[Path],
-        backend: str = "auto",
+        backend: BackendName = "auto",
         num_threads: int = 1,
     ):
         self.settings = settings
@@ -464,6 +473,8 @@ def _zip_manifest(path: Path) -> dict:
     """The (not yet trusted) manifest inside a bundle .zip: only its name and version are used, to place it."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if archive.getinfo(MANIFEST).file_size > MAX_MANIFEST_BYTES:
+                raise ModelError(f"{path}: {MANIFEST} is over {MAX_MANIFEST_BYTES} bytes; this is not a bundle")
             return json.loads(archive.read(MANIFEST))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelError(f"{path}: not a bundle .zip with a {MANIFEST} ({exc}); point the component at a bundle") from None

@@ -1,0 +1,1 @@
+"""Device-side clients of AWS IoT services: Jobs (model updates) and the Device Shadow."""

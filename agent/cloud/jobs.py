@@ -1,0 +1,166 @@
+"""AWS IoT Jobs, device side: the fleet's model-update jobs run through the update manager.
+
+Flow, on the SDK's `IotJobsClientV2` over the agent's own MQTT5 connection: a notify-next event (or start-up)
+wakes the jobs thread, which claims the next execution with start-next, runs its document through the
+`UpdateManager` reporting each stage in `statusDetails`, and ends it SUCCEEDED, FAILED or REJECTED with the
+outcome's reason code and message. SDK callbacks only wake the thread: requests made from inside a
+callback can dead-lock the client.
+
+An execution found IN_PROGRESS that an earlier run of the agent started (its statusDetails carry another
+run id) is not repeated blindly, since that run may have died of the very model it was installing: it
+ends SUCCEEDED if that model is serving now, FAILED (INTERRUPTED) otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from awscrt import mqtt5, mqtt_request_response
+from awsiot import ServiceStreamOptions, V2ServiceException
+from awsiot.iotjobs import (
+    IotJobsClientV2,
+    JobExecutionData,
+    NextJobExecutionChangedSubscriptionRequest,
+    StartNextPendingJobExecutionRequest,
+    UpdateJobExecutionRequest,
+)
+
+from agent.updates import Outcome, Reason, Stage, Status, UpdateFailed, UpdateManager, parse_update
+
+log = logging.getLogger(__name__)
+
+PROGRESS_STEP = 25  # percent: statusDetails are updated at each stage and every quarter of it, not per chunk
+RETRY_S = 5.0  # after the Jobs service did not answer, try again this much later
+
+OutcomeListener = Callable[[str, Outcome], None]  # job id, outcome
+
+
+def rejection_code(error: BaseException) -> str | None:
+    """The Jobs rejection code (TerminalStateReached, VersionMismatch, ...) of a failed request, if any."""
+    modeled = getattr(error, "modeled_error", None)
+    return getattr(modeled, "code", None)
+
+
+class JobRunner:
+    """Runs this thing's jobs one at a time on its own thread."""
+
+    def __init__(self, client: mqtt5.Client, thing_name: str, manager: UpdateManager, *, timeout_s: int = 30):
+        self.thing_name = thing_name
+        self.manager = manager
+        self.timeout_s = timeout_s
+        self.run_id = uuid.uuid4().hex[:12]  # tells our own IN_PROGRESS executions from an earlier run's
+        self.listeners: list[OutcomeListener] = []
+        self.finished: dict[str, Outcome] = {}  # job id -> outcome reported: duplicates are answered, not re-run
+        options = mqtt_request_response.ClientOptions(max_request_response_subscriptions=3, max_streaming_subscriptions=1, operation_timeout_in_seconds=timeout_s)
+        self._jobs = IotJobsClientV2(client, options)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._stream = None
+        self._thread = threading.Thread(target=self._loop, name="iot-jobs", daemon=True)
+
+    def start(self) -> None:
+        """Listen for notify-next and look for pending work once now (a job queued while we were away)."""
+        stream_options = ServiceStreamOptions(incoming_event_listener=lambda event: self._wake.set(), subscription_status_listener=self._on_subscription)
+        self._stream = self._jobs.create_next_job_execution_changed_stream(NextJobExecutionChangedSubscriptionRequest(thing_name=self.thing_name), stream_options)
+        self._stream.open()
+        self._thread.start()
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(self.timeout_s)
+        # The SDK ends a stream, and its request-response client, when their objects are released: do it
+        # here, while the MQTT client they ride on is still running.
+        self._stream = None
+        self._jobs = None
+
+    def _on_subscription(self, event) -> None:
+        if event.type == mqtt_request_response.SubscriptionStatusEventType.SUBSCRIPTION_ESTABLISHED:
+            self._wake.set()  # (re)subscribed: anything queued meanwhile is ours to pick up
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                while not self._stop.is_set() and self.run_next():
+                    pass
+            except (V2ServiceException, FutureTimeout) as error:
+                log.warning("IoT Jobs did not answer (%s); trying again in %.0f s", getattr(error, "message", error) or type(error).__name__, RETRY_S)
+                self._stop.wait(RETRY_S)
+                self._wake.set()
+
+    def run_next(self) -> bool:
+        """Claim and run the next pending execution; False when there is none."""
+        request = StartNextPendingJobExecutionRequest(thing_name=self.thing_name)
+        execution = self._jobs.start_next_pending_job_execution(request).result(self.timeout_s).execution
+        if execution is None:
+            return False
+        job_id = execution.job_id
+        if job_id in self.finished:  # our final update was lost or a notification repeated: say it again
+            self._finish(job_id, self.finished[job_id])
+            return True
+        details = execution.status_details or {}
+        if details.get("run") not in (None, self.run_id):
+            outcome = self._resumed(execution)
+        else:
+            outcome = self.manager.apply(execution.job_document, self._progress(job_id))
+        self._finish(job_id, outcome)
+        return True
+
+    def _resumed(self, execution: JobExecutionData) -> Outcome:
+        """An execution an earlier run of the agent left IN_PROGRESS."""
+        try:
+            update = parse_update(execution.job_document)
+        except UpdateFailed as failed:
+            return Outcome(status=failed.status, reason=failed.reason, message=str(failed))
+        serving = self.manager.slot.active.ref
+        if (serving.name, serving.version) == (update.name, update.version):
+            return Outcome(status=Status.SUCCEEDED, message=f"{update.name} {update.version} is serving (finished before the agent restarted)", name=update.name, version=update.version)
+        stage = (execution.status_details or {}).get("stage", "starting")
+        return Outcome(
+            status=Status.FAILED,
+            reason=Reason.INTERRUPTED,
+            message=f"the agent restarted while {stage} {update.name} {update.version}; {serving.name} {serving.version} is serving; run the job again to retry",
+            name=update.name,
+            version=update.version,
+        )
+
+    def _progress(self, job_id: str) -> Callable[[Stage, int], None]:
+        last: dict[str, int] = {}
+
+        def report(stage: Stage, percent: int) -> None:
+            step = percent // PROGRESS_STEP
+            if last.get(stage) == step:
+                return
+            last[stage] = step
+            details = {"stage": stage.value, "progress": str(percent), "run": self.run_id}
+            try:
+                self._update(job_id, "IN_PROGRESS", details)
+            except (V2ServiceException, FutureTimeout) as error:  # progress is a courtesy; the outcome is not
+                log.warning("job %s: progress not reported (%s)", job_id, rejection_code(error) or error)
+
+        return report
+
+    def _finish(self, job_id: str, outcome: Outcome) -> None:
+        self.finished[job_id] = outcome  # first: if the update below is lost, the retry resends it, not the job
+        try:
+            self._update(job_id, outcome.status.value, {**outcome.status_details(), "run": self.run_id})
+        except V2ServiceException as error:
+            code = rejection_code(error)
+            if code not in ("TerminalStateReached", "InvalidStateTransition", "ResourceNotFound"):
+                raise
+            log.warning("job %s: IoT Jobs refused the final status (%s); it was canceled or finished elsewhere", job_id, code)
+        log.info("job %s: %s %s", job_id, outcome.status.value, outcome.message)
+        for listener in self.listeners:
+            listener(job_id, outcome)
+
+    def _update(self, job_id: str, status: str, details: dict[str, str]) -> None:
+        request = UpdateJobExecutionRequest(thing_name=self.thing_name, job_id=job_id, status=status, status_details=details)
+        self._jobs.update_job_execution(request).result(self.timeout_s)

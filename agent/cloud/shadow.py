@@ -1,0 +1,153 @@
+"""The classic Device Shadow: what the device is (model, last update, agent) and the settings the fleet wants.
+
+Reported: `{model: {name, version, sha256}, update: {job, status, reason}, agent: {version}, threshold,
+rate}`. Desired `threshold` (score threshold) and `rate` (most frames processed per second) are applied live
+and echoed in reported, which clears the delta. A desired value that is out of range is not applied; the
+reported `desired_error` says why, and the delta stays visible to the operator.
+
+SDK callbacks only queue work; one worker thread talks to the Shadow service.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from awscrt import mqtt5, mqtt_request_response
+from awsiot import ServiceStreamOptions, V2ServiceException
+from awsiot.iotshadow import GetShadowRequest, IotShadowClientV2, ShadowDeltaUpdatedSubscriptionRequest, ShadowState, UpdateShadowRequest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent import __version__
+from agent.cloud.jobs import rejection_code
+from agent.pipeline import Pipeline
+from agent.updates import Outcome
+
+log = logging.getLogger(__name__)
+
+
+class DesiredSettings(BaseModel):
+    """The settings an operator may change through the shadow (others in desired are left alone)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="publish predictions scoring at least this")
+    rate: float | None = Field(None, gt=0.0, le=120.0, description="most frames processed per second")
+
+
+class FrameRateCap:
+    """Between frames: hold the pipeline to at most `fps` frames per second (a live source drops the rest)."""
+
+    def __init__(self):
+        self.fps: float | None = None
+        self._next = time.monotonic()
+
+    def __call__(self) -> None:
+        fps = self.fps
+        if not fps:
+            return
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next = max(self._next + 1.0 / fps, time.monotonic())
+
+
+class DeviceShadow:
+    """Keeps the thing's classic shadow in step with the agent, on its own worker thread."""
+
+    def __init__(self, client: mqtt5.Client, thing_name: str, pipeline: Pipeline, *, timeout_s: int = 30):
+        self.thing_name = thing_name
+        self.pipeline = pipeline
+        self.timeout_s = timeout_s
+        self.rate = FrameRateCap()
+        pipeline.between_frames.append(self.rate)
+        self.update: dict[str, str | None] = {"job": None, "status": None, "reason": None}
+        self.desired_error: str | None = None
+        options = mqtt_request_response.ClientOptions(max_request_response_subscriptions=2, max_streaming_subscriptions=1, operation_timeout_in_seconds=timeout_s)
+        self._shadow = IotShadowClientV2(client, options)
+        self._work: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stream = None
+        self._thread = threading.Thread(target=self._loop, name="device-shadow", daemon=True)
+
+    def start(self) -> None:
+        """Follow delta events, then read the shadow once: desired changed while we were away applies now."""
+        stream_options = ServiceStreamOptions(incoming_event_listener=lambda event: self._work.put(("delta", event.state or {})))
+        self._stream = self._shadow.create_shadow_delta_updated_stream(ShadowDeltaUpdatedSubscriptionRequest(thing_name=self.thing_name), stream_options)
+        self._stream.open()
+        self._thread.start()
+        self._work.put(("sync", None))
+
+    def close(self) -> None:
+        self._work.put(("stop", None))
+        if self._thread.is_alive():
+            self._thread.join(self.timeout_s)
+        # The SDK ends a stream, and its request-response client, when their objects are released: do it
+        # here, while the MQTT client they ride on is still running.
+        self._stream = None
+        self._shadow = None
+
+    def on_outcome(self, job_id: str, outcome: Outcome) -> None:
+        """JobRunner listener: report the update's result and the model now serving."""
+        self._work.put(("outcome", (job_id, outcome)))
+
+    def _loop(self) -> None:
+        while True:
+            kind, value = self._work.get()
+            if kind == "stop":
+                return
+            try:
+                if kind == "sync":
+                    self._sync()
+                elif kind == "delta":
+                    self._apply(value)
+                    self._report()
+                elif kind == "outcome":
+                    job_id, outcome = value
+                    self.update = {"job": job_id, "status": outcome.status.value, "reason": outcome.reason.value if outcome.reason else None}
+                    self._report()
+            except (V2ServiceException, TimeoutError) as error:
+                log.warning("device shadow: %s not done (%s)", kind, rejection_code(error) or getattr(error, "message", error))
+
+    def _sync(self) -> None:
+        try:
+            desired = self._shadow.get_shadow(GetShadowRequest(thing_name=self.thing_name)).result(self.timeout_s).state.desired or {}
+        except V2ServiceException as error:
+            if rejection_code(error) != 404:  # 404: no shadow yet; our report creates it
+                raise
+            desired = {}
+        self._apply(desired)
+        self._report()
+
+    def _apply(self, desired: dict[str, Any]) -> None:
+        try:
+            wanted = DesiredSettings.model_validate(desired)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            self.desired_error = f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
+            log.warning("device shadow: desired %s not applied", self.desired_error)
+            return
+        self.desired_error = None
+        if wanted.threshold is not None:
+            self.pipeline.score_threshold = wanted.threshold  # one float assignment: the next frame uses it
+        if wanted.rate is not None:
+            self.rate.fps = wanted.rate
+
+    def reported(self) -> dict[str, Any]:
+        model = self.pipeline.slot.active.ref
+        state: dict[str, Any] = {
+            "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+            "update": self.update,
+            "agent": {"version": __version__},
+            "threshold": self.pipeline.score_threshold,
+            "desired_error": self.desired_error,  # None deletes it from the shadow
+        }
+        if self.rate.fps is not None:
+            state["rate"] = self.rate.fps
+        return state
+
+    def _report(self) -> None:
+        request = UpdateShadowRequest(thing_name=self.thing_name, state=ShadowState(reported=self.reported()))
+        self._shadow.update_shadow(request).result(self.timeout_s)
