@@ -77,7 +77,10 @@ def test_a_queued_model_update_job_runs_reports_progress_and_succeeds(device, se
     assert device.slot.active.ref.version == NEW
     progress = [u["statusDetails"] for u in execution.updates if u["status"] == "IN_PROGRESS"]
     stages = [p["stage"] for p in progress]
-    assert stages[0] == Stage.DOWNLOADING and {Stage.VERIFYING, Stage.VALIDATING, Stage.ACTIVATING, Stage.WATCHING} <= set(stages)
+    # Sent newest-first by a sender thread: a subsequence of the update's own steps, never out of order.
+    steps = iter([Stage.DOWNLOADING, Stage.VERIFYING, Stage.VALIDATING, Stage.ACTIVATING, Stage.WATCHING, Stage.ACTIVATING])
+    assert all(any(stage == step for step in steps) for stage in dict.fromkeys(stages)), stages
+    assert stages[0] == Stage.DOWNLOADING and Stage.WATCHING in stages  # the window lasts long enough to be seen
     assert all(0 <= int(p["progress"]) <= 100 and p["run"] == runner.run_id for p in progress)
     assert all(isinstance(v, str) for p in progress for v in p.values())  # statusDetails are strings only
     device.assert_no_frame_lost()

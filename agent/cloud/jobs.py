@@ -17,6 +17,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from awscrt import mqtt5, mqtt_request_response
@@ -57,6 +58,11 @@ class JobRunner:
         self.finished: dict[str, Outcome] = {}  # job id -> outcome reported: duplicates are answered, not re-run
         options = mqtt_request_response.ClientOptions(max_request_response_subscriptions=3, max_streaming_subscriptions=1, operation_timeout_in_seconds=timeout_s)
         self._jobs = IotJobsClientV2(client, options)
+        self._progress_sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iot-jobs-progress")
+        self._progress_lock = threading.Lock()
+        self._latest_progress: tuple[str, dict[str, str]] | None = None
+        self._progress_sent: Future = Future()
+        self._progress_sent.set_result(None)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stream = None
@@ -75,6 +81,7 @@ class JobRunner:
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(self.timeout_s)
+        self._progress_sender.shutdown(wait=True)
         # The SDK ends a stream, and its request-response client, when their objects are released: do it
         # here, while the MQTT client they ride on is still running.
         self._stream = None
@@ -133,6 +140,7 @@ class JobRunner:
         )
 
     def _progress(self, job_id: str) -> Callable[[Stage, int], None]:
+        """Progress goes out from a sender thread, newest first: the update never waits on a round trip."""
         last: dict[str, int] = {}
 
         def report(stage: Stage, percent: int) -> None:
@@ -140,16 +148,30 @@ class JobRunner:
             if last.get(stage) == step:
                 return
             last[stage] = step
-            details = {"stage": stage.value, "progress": str(percent), "run": self.run_id}
-            try:
-                self._update(job_id, "IN_PROGRESS", details)
-            except (V2ServiceException, FutureTimeout) as error:  # progress is a courtesy; the outcome is not
-                log.warning("job %s: progress not reported (%s)", job_id, rejection_code(error) or error)
+            with self._progress_lock:
+                self._latest_progress = (job_id, {"stage": stage.value, "progress": str(percent), "run": self.run_id})
+                if self._progress_sent.done():
+                    self._progress_sent = self._progress_sender.submit(self._send_progress)
 
         return report
 
+    def _send_progress(self) -> None:
+        while True:
+            with self._progress_lock:
+                latest, self._latest_progress = self._latest_progress, None
+            if latest is None:
+                return
+            try:
+                self._update(latest[0], "IN_PROGRESS", latest[1])
+            except (V2ServiceException, FutureTimeout) as error:  # progress is a courtesy; the outcome is not
+                log.warning("job %s: progress not reported (%s)", latest[0], rejection_code(error) or error)
+
     def _finish(self, job_id: str, outcome: Outcome) -> None:
         self.finished[job_id] = outcome  # first: if the update below is lost, the retry resends it, not the job
+        with self._progress_lock:
+            self._latest_progress = None  # stale now; and the final status must be the last word
+            sending = self._progress_sent
+        sending.result()
         try:
             self._update(job_id, outcome.status.value, {**outcome.status_details(), "run": self.run_id})
         except V2ServiceException as error:
