@@ -75,7 +75,7 @@ class Metrics:
     """The agent's Prometheus metrics. A FrameObserver: on the pipeline thread it only observes latencies."""
 
     def __init__(self, pipeline: Pipeline, transport_name: str, health: Health):
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.stage_latency = Histogram(
             "edge_agent_stage_latency_seconds", "Time per pipeline stage, for frames that produced a result",
             ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry,

@@ -55,6 +55,8 @@ class RestartableSource(FrameSource):
         fresh.stats = self.stats
         stuck, self._source = self._source, fresh
         stuck.close()
+        if self._closed:  # the agent stopped while the fresh source was opening
+            fresh.close()
 
     def close(self) -> None:
         self._closed = True

@@ -23,7 +23,7 @@ import numpy as np
 
 from agent.app import build_pipeline
 from agent.config import Settings
-from agent.liveview import LiveViewServer, LiveViewSettings
+from agent.liveview import LiveView, LiveViewServer, LiveViewSettings
 from agent.messages import SequenceCounter
 from agent.observability import Health, Metrics
 from agent.transport.console import ConsoleTransport
@@ -86,6 +86,18 @@ def run(configuration: str, pipeline, frames, seconds: float, fps: float) -> dic
     return figures
 
 
+def encode_cost(pipeline, frames) -> dict:
+    """What one viewer's frame costs the HTTP thread: draw the annotations and encode the JPEG, ms."""
+    view = LiveView(pipeline, LiveViewSettings(enabled=True))
+    samples = []
+    for frame in frames:
+        view.on_frame(frame, pipeline.process(frame), 2.0)
+        began = time.perf_counter()
+        view.jpeg(view.latest)
+        samples.append((time.perf_counter() - began) * 1e3)
+    return {"p50_ms": round(float(np.percentile(samples, 50)), 3), "p99_ms": round(float(np.percentile(samples, 99)), 3), "n": len(samples)}
+
+
 def summarise(runs: list[dict]) -> dict:
     samples = np.concatenate([r["samples_ms"] for r in runs])
     cpu = sum(r["cpu_s"] for r in runs) / sum(r["elapsed_s"] for r in runs)
@@ -127,6 +139,7 @@ def main() -> None:
         for figure in ("mean_ms", "p50_ms"):
             change = 100 * (results[name][figure] / results["disabled"][figure] - 1)
             results[name][figure.replace("_ms", "_change_percent")] = round(change, 1)
+    results["annotate_and_encode_per_streamed_frame"] = encode_cost(pipeline, frames)
     print(json.dumps({"model": str(settings.model.bundle), "source": settings.source.spec, "fps": args.fps,
                       "seconds_per_run": args.seconds, "rounds": args.rounds, "cpus": os.cpu_count(), **results}, indent=2))
 
