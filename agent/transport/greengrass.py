@@ -43,12 +43,11 @@ from agent.topics import Topics
 from agent.transport.base import PublishRejected
 from agent.transport.outbox import open_outbox
 from agent.transport.spooled import SpooledTransport
-from agent.updates import Status, UpdateManager
+from agent.updates import Outcome, Status, UpdateManager
 
 log = logging.getLogger(__name__)
 logging.getLogger("awsiot").addHandler(logging.NullHandler())  # its connect errors become our one line
 
-SOCKET_VARIABLE = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
 CONNECT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0  # a nucleus that does not answer a request in this long is not coming back
 CONNECTION_LOST = (ConnectionClosedError, StreamClosedError, EventStreamError, AwsCrtError)
@@ -56,7 +55,7 @@ RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the
 NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
 # What a running agent applies between two frames; any other change waits for the next start.
 LIVE = ("source", "model", "topics", "publish_empty", "metrics_interval_s")
-MODEL_LOADING = {f"model.{name}" for name in ModelSettings.model_fields}  # a change means updating the model
+MODEL_UPDATE = {f"model.{name}" for name in ModelSettings.model_fields} - {"model.score_threshold"}  # a change means a model update
 
 
 def open_ipc(timeout_s: float) -> GreengrassCoreIPCClientV2:
@@ -192,8 +191,9 @@ def changed_settings(old: Settings, new: Settings) -> set[str]:
     return names
 
 
-def _in(names: set[str], section: str) -> bool:
-    return any(name == section or name.startswith(section + ".") for name in names)
+def within(name: str, section: str) -> bool:
+    """Whether a dotted setting name is `section` or one of its settings."""
+    return name == section or name.startswith(section + ".")
 
 
 def ask(request: Future, what: str) -> Any:
@@ -311,15 +311,15 @@ class NucleusHost(Host):
         pipeline.score_threshold = new.model.score_threshold
         pipeline.publish_empty = new.publish_empty
         pipeline.metrics_interval_s = new.metrics_interval_s
-        if _in(changed, "topics"):
+        if any(within(name, "topics") for name in changed):
             pipeline.transport.topics = Topics.for_thing(new.topics, new.thing_name)
             self._subscribe_commands()
-        if (changed & MODEL_LOADING) - {"model.score_threshold"}:
+        if changed & MODEL_UPDATE:
             self._start_model_update(new)
-        if _in(changed, "source"):
+        if any(within(name, "source") for name in changed):
             pipeline.source.close()
             pipeline.source = open_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
-        later = sorted(name for name in changed if not any(_in({name}, stage) for stage in LIVE))
+        later = sorted(name for name in changed if not any(within(name, section) for section in LIVE))
         if later:
             log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
 
@@ -331,7 +331,7 @@ class NucleusHost(Host):
         self._updates.backend, self._updates.num_threads = model.backend, model.num_threads
         self._loading.append(self._loader.submit(self._updates.apply_bundle, model.bundle))
 
-    def _report_model_update(self, outcome) -> None:
+    def _report_model_update(self, outcome: Outcome) -> None:
         pipeline = self._pipeline
         if outcome.status == Status.SUCCEEDED:
             pipeline.transport.publish(pipeline.status("online"))
