@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import jsonschema
 import pytest
 from botocore.stub import ANY, Stubber
 
@@ -137,7 +138,9 @@ def test_publish_signs_uploads_content_addressed_and_creates_a_paced_job(aws, tm
 
     # The job: the update document as devices parse it, presigned URL placeholder, rollout/abort/timeout.
     job = client(aws, "iot").describe_job(jobId=published["job_id"])["job"]
-    document = parse_update(json.loads(client(aws, "iot").get_job_document(jobId=published["job_id"])["document"]))
+    raw = json.loads(client(aws, "iot").get_job_document(jobId=published["job_id"])["document"])
+    jsonschema.validate(raw, json.loads((REPO / "deploy" / "jobs" / "model-update.schema.json").read_text()))
+    document = parse_update(raw)
     assert (document.name, document.version, document.sha256, document.size) == ("mnist-int8", "1.0.0", published["sha256"], downloaded.stat().st_size)
     assert document.url == f"${{aws:iot:s3-presigned-url-v2:https://s3.{REGION}.amazonaws.com/{bucket}/{key}}}"
     signed = document_signed_bytes(document.name, document.version, document.sha256, document.size)
