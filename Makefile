@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to for real: the MQTT broker, openssl for test certificates, a browser.
 APT_PACKAGES := mosquitto openssl chromium
 
-.PHONY: demo test test-tflite system-deps bench train component schema clean
+.PHONY: demo test test-tflite system-deps bench train component fleet-sim schema clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ test-tflite: $(TFLITE_VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/edge-agent bench
+
+# Retrain the shipped model (TensorFlow is the optional train extra; about 4 minutes on 2 cores).
+train: $(VENV)/.installed
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[train]'
+	$(BIN)/python -m models.mnist.train --out models/mnist/bundle
+
+# Greengrass artifacts (wheel, constraints, model zip) and recipes, reproducibly, from the last commit.
+component: $(VENV)/.installed
+	$(BIN)/python deploy/greengrass/build.py
+
+# 20 agent processes, one broker, a model rollout with 2 corrupted downloads (also run by make test).
+fleet-sim: $(VENV)/.installed-test system-deps
+	$(BIN)/python tests/fleet_sim.py --devices 20 --corrupt 2
 
 schema: $(VENV)/.installed
 	$(BIN)/edge-agent schema

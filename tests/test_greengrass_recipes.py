@@ -100,7 +100,7 @@ def test_default_configuration_holds_every_setting_under_its_own_name():
 def test_agent_recipe_installs_a_venv_runs_the_agent_and_finds_the_model_component():
     agent, model = load(AGENT), load(MODEL)
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert agent["ComponentDependencies"] == {model["ComponentName"]: {"VersionRequirement": f">={model['ComponentVersion']} <1.0.0", "DependencyType": "HARD"}}
+    assert agent["ComponentDependencies"] == {model["ComponentName"]: {"VersionRequirement": f">={model['ComponentVersion']}", "DependencyType": "HARD"}}
     (manifest,) = agent["Manifests"]
     artifacts = {Path(a["Uri"]).name for a in manifest["Artifacts"]}
     assert artifacts == {f"edge_agent-{version}-py3-none-any.whl", "constraints.txt", "model-signing.pub"}
@@ -111,6 +111,12 @@ def test_agent_recipe_installs_a_venv_runs_the_agent_and_finds_the_model_compone
     assert run.startswith("exec {work:path}/venv/bin/python -m agent run --transport greengrass ")
     assert f"--model {{{model['ComponentName']}:artifacts:decompressedPath}}/{bundle_dir}" in run
     assert "RequiresPrivilege" not in json.dumps(agent) + json.dumps(model)
+
+
+def test_model_component_version_is_the_shipped_model_version():
+    """A new model version is a new version of the model component (edge-fleet model publish --via greengrass)."""
+    manifest = json.loads((REPO / "models" / "mnist" / "bundle" / "manifest.json").read_text())
+    assert load(MODEL)["ComponentVersion"] == manifest["version"]
 
 
 def test_model_recipe_is_an_unarchived_zip_with_no_lifecycle():
