@@ -100,8 +100,12 @@ class JobRunner:
                     pass
             except (V2ServiceException, FutureTimeout) as error:
                 log.warning("IoT Jobs did not answer (%s); trying again in %.0f s", getattr(error, "message", error) or type(error).__name__, RETRY_S)
-                self._stop.wait(RETRY_S)
-                self._wake.set()
+            except Exception:  # noqa: BLE001 -- a fault of ours must not end the thread that takes every later job
+                log.exception("IoT Jobs: unexpected failure; trying again in %.0f s", RETRY_S)
+            else:
+                continue
+            self._stop.wait(RETRY_S)
+            self._wake.set()
 
     def run_next(self) -> bool:
         """Claim and run the next pending execution; False when there is none."""
