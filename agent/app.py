@@ -7,6 +7,8 @@ import signal
 from contextlib import contextmanager
 from typing import Iterator
 
+import cv2
+
 from agent.config import Settings
 from agent.errors import AgentError
 from agent.messages import SequenceCounter
@@ -14,7 +16,7 @@ from agent.liveview import LiveViewServer
 from agent.model import LoadedModel, load_model
 from agent.observability import Health, Metrics
 from agent.pipeline import ModelSlot, Pipeline, PipelineStats
-from agent.sources import open_source
+from agent.sources import FrameSource, open_source
 from agent.watchdog import supervise
 from agent.topics import Topics
 from agent.transport.base import Transport
@@ -76,16 +78,26 @@ def load_configured_model(settings: Settings) -> LoadedModel:
     )
 
 
-def build_pipeline(settings: Settings, transport: Transport, sequence: SequenceCounter) -> Pipeline:
-    """Model first (the likeliest thing to be wrong), then the source; both fail with one clear line."""
+def build_pipeline(
+    settings: Settings,
+    transport: Transport,
+    sequence: SequenceCounter,
+    source: FrameSource | None = None,
+    publish_empty: bool | None = None,
+) -> Pipeline:
+    """Model first (the likeliest thing to be wrong), then the source; both fail with one clear line.
+
+    `source` and `publish_empty` override the settings for `infer` and `bench`, which bring their own frames.
+    """
+    cv2.setNumThreads(-1 if settings.opencv_threads is None else settings.opencv_threads)
     slot = ModelSlot(load_configured_model(settings), settings.vision)
     return Pipeline(
-        open_source(settings.source),
+        source or open_source(settings.source),
         slot,
         transport,
         sequence,
         score_threshold=settings.model.score_threshold,
-        publish_empty=settings.publish_empty,
+        publish_empty=settings.publish_empty if publish_empty is None else publish_empty,
         metrics_interval_s=settings.metrics_interval_s,
     )
 
@@ -133,14 +145,18 @@ def run_agent(settings: Settings) -> PipelineStats:
         sequence = SequenceCounter(settings.thing_name)
         transport = build_transport(settings)
         pipeline = build_pipeline(settings, transport, sequence)
-        transport.start(pipeline.status("online"))
+        started = False
         try:
-            host.serving(pipeline)
+            # Observers first: a live view port already in use fails here, before `online` is announced.
             with stop_on_signals(pipeline), observed(pipeline, settings):
+                transport.start(pipeline.status("online"))
+                started = True
+                host.serving(pipeline)
                 return pipeline.run(settings.max_frames)
         finally:
             pipeline.source.close()
-            transport.close(pipeline.status("offline", reason="stopped"))
+            if started:
+                transport.close(pipeline.status("offline", reason="stopped"))
     except AgentError as error:
         host.failed(error)
         raise

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.app import load_configured_model
+from agent.app import build_pipeline, load_configured_model
 from agent.config import Settings
 from agent.evaluate import invoke_latency_us
 from agent.messages import SequenceCounter
-from agent.pipeline import ModelSlot, Pipeline
 from agent.sources import open_source
 from agent.transport.console import ConsoleTransport
 
@@ -47,8 +46,7 @@ def bench_frame(settings: Settings, max_frames: int = 300, rounds: int = 3) -> d
     while len(frames) < max_frames and (frame := source.read()) is not None:
         frames.append(frame)
     source.close()
-    slot = ModelSlot(load_configured_model(settings), settings.vision)
-    pipeline = Pipeline(source, slot, ConsoleTransport(), SequenceCounter(settings.thing_name), score_threshold=settings.model.score_threshold, publish_empty=True)
+    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=source, publish_empty=True)
     samples, digits = [], []
     for _ in range(rounds):
         for frame in frames:

@@ -30,13 +30,13 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "--backend": (("model", "backend"), {"choices": ["auto", "litert", "tflite-runtime"]}, "TFLite runtime"),
     "--threshold": (("model", "score_threshold"), {}, "publish predictions scoring at least this"),
     "--pace-fps": (("source", "pace_fps"), {}, "deliver file frames at this rate, like a camera"),
-    "--liveview-port": (("liveview", "port"), {}, "port of the live view, /metrics and /healthz (default 8080)"),
     "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
+    "--liveview-port": (("liveview", "port"), {}, "port of the live view, /metrics and /healthz (default 8080)"),
 }
 SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "--loop": (("source", "loop"), True, "restart a video file or folder at its end"),
-    "--liveview": (("liveview", "enabled"), True, "serve the annotated live view, /metrics and /healthz on 127.0.0.1"),
     "--allow-unsigned": (("model", "require_signature"), False, "accept models without a trusted signature (development only)"),
+    "--liveview": (("liveview", "enabled"), True, "serve the annotated live view, /metrics and /healthz on 127.0.0.1"),
 }
 
 

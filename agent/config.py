@@ -98,6 +98,7 @@ class Settings(Section):
     max_frames: int | None = Field(None, ge=1, description="stop after this many frames (default: until the source ends)")
     metrics_interval_s: float = Field(60.0, gt=0, description="how often pipeline statistics are published")
     publish_empty: bool = Field(False, description="also publish frames in which nothing was found")
+    opencv_threads: int | None = Field(1, ge=1, le=64, description="OpenCV worker threads; the pipeline is one thread, and on small frames a pool only adds wake-ups (null: OpenCV's default)")
     source: SourceSettings = SourceSettings()
     model: ModelSettings = ModelSettings()
     vision: DigitFinderSettings = DigitFinderSettings()

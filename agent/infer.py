@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from agent.app import load_configured_model
+from agent.app import build_pipeline
 from agent.config import Settings
 from agent.errors import SourceError
 from agent.messages import InferenceResult, SequenceCounter
-from agent.pipeline import ModelSlot, Pipeline
 from agent.sources import ImageFilesSource
 from agent.transport.console import ConsoleTransport
 
@@ -17,8 +16,7 @@ from agent.transport.console import ConsoleTransport
 def infer_images(settings: Settings, images: list[Path]) -> Iterator[InferenceResult]:
     """Yield a result for every image (even one with no digit); then fail naming any that did not decode."""
     source = ImageFilesSource.from_files(images)
-    slot = ModelSlot(load_configured_model(settings), settings.vision)
-    pipeline = Pipeline(source, slot, ConsoleTransport(), SequenceCounter(settings.thing_name), score_threshold=settings.model.score_threshold, publish_empty=True)
+    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=source, publish_empty=True)
     while (frame := source.read()) is not None:
         yield pipeline.process(frame)
     if source.unreadable:
