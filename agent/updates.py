@@ -77,6 +77,7 @@ class Reason(StrEnum):
     NOT_TFLITE = "NOT_TFLITE"
     TENSOR_MISMATCH = "TENSOR_MISMATCH"
     GOLDEN_ACCURACY = "GOLDEN_ACCURACY"
+    MODEL_FAILED = "MODEL_FAILED"
     HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
     INTERRUPTED = "INTERRUPTED"
     STORE_FAILED = "STORE_FAILED"
@@ -481,8 +482,12 @@ def _zip_manifest(path: Path) -> dict:
 
 
 def _step(reason: Reason, action: Callable, *args, **kwargs):
-    """Run one validation step; its ModelError becomes UpdateFailed with the step's reason."""
+    """Run one validation step; its ModelError becomes UpdateFailed with the step's reason, and the
+    interpreter failing to run the model (RuntimeError/ValueError from TFLite) becomes MODEL_FAILED."""
     try:
         return action(*args, **kwargs)
     except ModelError as exc:
         raise UpdateFailed(reason, str(exc)) from None
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UpdateFailed(Reason.MODEL_FAILED, f"the model failed while running ({first}); it is not fit to serve") from None

@@ -122,6 +122,13 @@ def _low_golden_labels():
         return golden["x"], (golden["y"] + 1) % 10  # every label wrong
 
 
+def _faint_golden():
+    """The golden images whose pixels sum below update-crash.tflite's limit (100): it runs on these."""
+    with np.load(SHIPPED_BUNDLE / "golden.npz") as golden:
+        faint = (golden["x"].astype(np.float32) / 255).reshape(len(golden["x"]), -1).sum(axis=1) < 90
+        return golden["x"][faint], golden["y"][faint]
+
+
 def _rewrite_min_accuracy(root: Path):
     raw = json.loads((root / "manifest.json").read_text())
     raw["min_golden_accuracy"] = 0.5
@@ -149,6 +156,7 @@ BAD_UPDATES = {
     "not a TFLite file": ({"model": SHIPPED_BUNDLE / "labels.txt"}, {}, "/a/nottflite.zip", Reason.NOT_TFLITE, Status.FAILED),
     "wrong input shape": ({"model": DATA / "update-wrong-input.tflite"}, {}, "/a/shape.zip", Reason.TENSOR_MISMATCH, Status.FAILED),
     "golden accuracy below the gate": ({"golden": _low_golden_labels()}, {}, "/a/golden.zip", Reason.GOLDEN_ACCURACY, Status.FAILED),
+    "model fails on the golden set": (_float_model("update-crash.tflite"), {}, "/a/crash.zip", Reason.MODEL_FAILED, Status.FAILED),
     "plain http url": ({}, {"url": "http://localhost:1/a.zip"}, None, Reason.URL_REFUSED, Status.FAILED),
     "over the size limit": ({}, {"size": 64 * 1024 * 1024}, "/a/big.zip", Reason.TOO_LARGE, Status.FAILED),
     "malformed document": ({}, {"sha256": "not-a-hash"}, "/a/malformed.zip", Reason.MALFORMED_DOCUMENT, Status.FAILED),
@@ -174,10 +182,13 @@ def test_a_bad_update_fails_with_its_reason_and_the_old_model_keeps_serving(case
     assert not [p for p in (tmp_path / "store").glob("*/*") if p.is_dir() and not p.name.startswith(".")]  # nothing left installed
 
 
-@pytest.mark.parametrize("model, symptom", [("update-nan.tflite", "NaN"), ("update-constant.tflite", "identical scores")])
-def test_a_model_that_misbehaves_in_its_health_window_is_rolled_back_without_losing_a_frame(model, symptom, serving, tmp_path, keys, artifacts):
+@pytest.mark.parametrize(
+    "model, symptom, golden",
+    [("update-nan.tflite", "NaN", None), ("update-constant.tflite", "identical scores", None), ("update-crash.tflite", "raised RuntimeError", _faint_golden())],
+)
+def test_a_model_that_misbehaves_in_its_health_window_is_rolled_back_without_losing_a_frame(model, symptom, golden, serving, tmp_path, keys, artifacts):
     s = serving()
-    data = make_bundle(tmp_path, keys / "trusted.key", **_float_model(model))
+    data = make_bundle(tmp_path, keys / "trusted.key", golden=golden, **_float_model(model))
     outcome = s.manager.apply(document(artifacts.publish(f"/health/{model}.zip", data), data))
     assert (outcome.status, outcome.reason) == (Status.FAILED, Reason.HEALTH_CHECK_FAILED), outcome.message
     assert symptom in outcome.message and "rolled back" in outcome.message

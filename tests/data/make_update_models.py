@@ -7,6 +7,8 @@ file that misbehaves in one way a bad model update can:
 - update-wrong-input.tflite: float32 input [1, 32, 32, 1] where the shipped model takes int8 [1, 28, 28, 1]
 - update-constant.tflite: float32 [1, 28, 28, 1] -> the same softmax scores whatever the image
 - update-nan.tflite: float32 [1, 28, 28, 1] -> NaN scores
+- update-crash.tflite: float32 [1, 28, 28, 1]; invoke fails (GATHER index out of bounds) for an image whose
+  pixels (0..1) sum to more than CRASH_ABOVE, i.e. most digits; fainter ones get varying scores
 """
 
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 HERE = Path(__file__).resolve().parent
+CRASH_ABOVE = 100.0
 
 
 def convert(fn, shape) -> bytes:
@@ -35,7 +38,14 @@ def nan(x):
     return tf.math.log(-1.0 - tf.reshape(tf.reduce_sum(x), [1, 1])) * tf.ones([1, 10])
 
 
+def crash(x):
+    total = tf.reduce_sum(x)
+    index = tf.cast(total > CRASH_ABOVE, tf.int32) * 1000
+    row = tf.gather(tf.constant(np.eye(10, dtype=np.float32)), tf.reshape(index, [1]))
+    return tf.reshape(row, [1, 10]) + total * 0.001
+
+
 if __name__ == "__main__":
-    for name, fn, shape in (("wrong-input", wrong_input, [1, 32, 32, 1]), ("constant", constant, [1, 28, 28, 1]), ("nan", nan, [1, 28, 28, 1])):
+    for name, fn, shape in (("wrong-input", wrong_input, [1, 32, 32, 1]), ("constant", constant, [1, 28, 28, 1]), ("nan", nan, [1, 28, 28, 1]), ("crash", crash, [1, 28, 28, 1])):
         (HERE / f"update-{name}.tflite").write_bytes(convert(fn, shape))
         print(name, (HERE / f"update-{name}.tflite").stat().st_size, "bytes")
