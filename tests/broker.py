@@ -44,6 +44,10 @@ POLICY_ACL = REPO / "deploy" / "iot" / "mosquitto-acl"
 OBSERVER = "test-observer"  # the identity the tests subscribe with: may read and write every topic
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
+# awscrt 0.36.1 can deliver a PUBLISH after stop() returns; were the client object gone, its event-loop thread
+# would crash. Stopped clients are kept alive here for the rest of the session.
+STOPPED_CLIENTS: list = []
+
 needs_mosquitto = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make test installs it)")
 
 
@@ -217,6 +221,10 @@ class Cable:
             server, self._server = self._server, None
             doomed, self._sockets = self._sockets, []
         if server:
+            try:
+                server.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(), releasing the port
+            except OSError:
+                pass
             server.close()
         for sock in doomed:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
@@ -294,6 +302,7 @@ class Observer:
 
     def __exit__(self, *exc) -> None:
         self.client.stop()
+        STOPPED_CLIENTS.append(self.client)
 
     def subscribe(self, topic_filter: str) -> None:
         self._filters.append(topic_filter)

@@ -24,6 +24,7 @@ from agent.topics import Topics
 from agent.transport import mqtt
 from broker import Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
 from conftest import REPO, agent_env, run_cli
+from iot_service import IotService
 from test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.broker
@@ -36,6 +37,15 @@ FAST_RECONNECT = {"min_reconnect_delay_s": 0.1, "max_reconnect_delay_s": 0.5}
 @pytest.fixture(scope="module")
 def device(pki):
     return pki.client(THING)
+
+
+@pytest.fixture
+def cloud(mosquitto, pki):
+    """IoT Jobs and Shadow answering the agent's requests at start-up (as IoT Core would), so runs end promptly."""
+    if mosquitto.process is None:
+        mosquitto.start()
+    with IotService(mosquitto, pki) as service:
+        yield service
 
 
 def agent_command(broker: Mosquitto, device, *args: str, port: int | None = None) -> list[str]:
@@ -88,7 +98,7 @@ def assert_every_result_arrives(agent: subprocess.Popen, observer: Observer) -> 
     assert len(frames_of(messages)) == expected, stderr
 
 
-def test_results_arrive_on_their_topic_at_qos1_matching_the_schema(mosquitto, observer, device, tmp_path):
+def test_results_arrive_on_their_topic_at_qos1_matching_the_schema(mosquitto, observer, cloud, device, tmp_path):
     observer.subscribe(f"edge/{THING}/#")
     done = run_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "30")
     expected = results_count(done.stderr)
@@ -140,7 +150,7 @@ def cable(mosquitto) -> Cable:
     link.cut()
 
 
-def test_broker_down_at_start_then_up(mosquitto, observer, cable, device, tmp_path):
+def test_broker_down_at_start_then_up(mosquitto, observer, cloud, cable, device, tmp_path):
     observer.subscribe(INFERENCE)
     cable.cut()
     mosquitto.stop()
@@ -150,6 +160,7 @@ def test_broker_down_at_start_then_up(mosquitto, observer, cable, device, tmp_pa
         assert agent.poll() is None, agent.stderr.read()
         mosquitto.start()
         observer.wait_ready()
+        cloud.wait_ready()
         cable.restore()
         assert_every_result_arrives(agent, observer)
     finally:
@@ -158,7 +169,7 @@ def test_broker_down_at_start_then_up(mosquitto, observer, cable, device, tmp_pa
             mosquitto.start()
 
 
-def test_broker_restarted_mid_run_loses_nothing(mosquitto, observer, cable, device, tmp_path):
+def test_broker_restarted_mid_run_loses_nothing(mosquitto, observer, cloud, cable, device, tmp_path):
     observer.subscribe(INFERENCE)
     agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "60", "--pace-fps", "20", port=cable.port)
     try:
@@ -166,13 +177,14 @@ def test_broker_restarted_mid_run_loses_nothing(mosquitto, observer, cable, devi
         cable.cut()  # the device sees its connection reset, then refused, as when the broker restarts
         mosquitto.restart()
         observer.wait_ready()
+        cloud.wait_ready()
         cable.restore()
         assert_every_result_arrives(agent, observer)
     finally:
         agent.kill()
 
 
-def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquitto, observer, device, tmp_path):
+def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquitto, observer, cloud, device, tmp_path):
     """Every result accepted before a SIGKILL arrives once broker and agent are back: no sequence number is missing."""
     observer.subscribe(INFERENCE)
     outbox = tmp_path / "outbox.db"
@@ -199,7 +211,8 @@ def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquit
     last_sequence = max(p["sequence"] for p in killed_run)
     mosquitto.start()
     observer.wait_ready()
-    run_agent(mosquitto, device, outbox, "--max-frames", "1")
+    cloud.wait_ready()
+    run_agent(mosquitto, device, outbox, "--max-frames", "30")
     messages = observer.wait_for(lambda ms: {p["sequence"] for p in payloads(ms, INFERENCE) if p["run_id"] == run_id} >= set(range(2, last_sequence + 1)))
     received = {p["sequence"] for p in payloads(messages, INFERENCE) if p["run_id"] == run_id}
     # sequence 1 is the online status; every result after it, up to the last one accepted, must be there
@@ -338,3 +351,27 @@ def test_shadow_service_client_shares_the_connection(mosquitto, observer, device
         assert (answer.state.reported, answer.version) == ({"model": "1.0.0"}, 3)
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"))
+
+
+def test_a_backlog_larger_than_memory_holds_is_read_back_from_disk_in_order(mosquitto, observer, cable, device, tmp_path):
+    """Link down, more accepted than the sender keeps in memory: every message still goes out once it is back."""
+    observer.subscribe(METRICS)
+    cable.cut()
+    outbox = {"path": str(tmp_path / "outbox.db"), "max_in_flight": 50, "max_publishes_per_s": 1e6, "max_bytes_per_s": 1e9}
+    settings = transport_settings(mosquitto, device, tmp_path, outbox=outbox)
+    settings.mqtt.port = cable.port
+    settings.mqtt.flow_control = "none"  # the SDK's IoT Core flow control would pace this at 100/s
+    transport, sequence = open_transport(settings)
+    try:
+        sent = [metrics_message(sequence) for _ in range(1500)]
+        for message in sent:
+            transport.publish(message)
+        cable.restore()
+        expected = {m.sequence for m in sent}
+        messages = observer.wait_for(lambda ms: len(ms) >= len(expected) and {p["sequence"] for p in payloads(ms, METRICS)} >= expected, timeout_s=60)
+        arrived = [p["sequence"] for p in payloads(messages, METRICS)]
+        assert set(arrived) >= expected
+        first_arrivals = list(dict.fromkeys(arrived))
+        assert first_arrivals == sorted(first_arrivals)  # oldest first
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)

@@ -110,19 +110,26 @@ class Outbox:
         except (OSError, sqlite3.Error) as exc:
             raise TransportError(f"outbox.path {self.path}: cannot open the spool ({exc}); point it at a writable file") from None
         self._stats = OutboxStats(depth=depth, bytes=size + depth * ROW_OVERHEAD)
+        self.last_id = self._db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
 
-    def put(self, topic: str, qos: int, payload: bytes) -> None:
-        """Store one message; returns once it is committed (see the module docstring for what that survives)."""
+    def put(self, topic: str, qos: int, payload: bytes) -> int:
+        """Store one message and return its id, once committed (see the module docstring for what that survives).
+
+        Ids are consecutive: each put gets the previous one's id + 1 (AUTOINCREMENT, one writer)."""
         size = stored_size(topic, payload)
         with self._lock:
             try:
                 if self._stats.bytes + size > self.max_bytes:
                     self._evict_oldest(self._stats.bytes + size - self.max_bytes + int(self.max_bytes * EVICT_FRACTION))
-                self._db.execute("INSERT INTO outbox (created, topic, qos, payload) VALUES (?, ?, ?, ?)", (time.time(), topic, qos, payload))
+                message_id = self._db.execute(
+                    "INSERT INTO outbox (created, topic, qos, payload) VALUES (?, ?, ?, ?)", (time.time(), topic, qos, payload)
+                ).lastrowid
             except sqlite3.Error as exc:
                 raise TransportError(f"outbox.path {self.path}: cannot store a message ({exc}); free disk space or point outbox.path elsewhere") from None
             self._stats.depth += 1
             self._stats.bytes += size
+            self.last_id = message_id
+        return message_id
 
     def after(self, last_id: int, limit: int) -> list[Spooled]:
         """Up to `limit` messages newer than `last_id`, oldest first (what the sender has not sent yet)."""

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_PAYLOAD_BYTES = 128 * 1024  # IoT Core refuses larger payloads
 QOS_AT_LEAST_ONCE = 1
 FETCH_LIMIT = 256  # messages read from the outbox per query
+FRESH_MAX = 1024  # messages handed from publish() to the sender in memory, at most
 HOUSEKEEPING_S = 1.0  # how often the sender expires old messages
 DELETE_BATCH = 256  # acknowledged messages deleted per outbox transaction, at most
 DELETE_DELAY_S = 0.05  # and at the latest this long after the first of them was acknowledged
@@ -79,6 +80,9 @@ class SpooledTransport(Transport):
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._draining = False
+        # What publish() just stored, handed to the sender in memory so that keeping up costs no disk read.
+        # The outbox stays the truth: the sender reads it whenever ids are missing here (backlog, overflow).
+        self._fresh: deque[Spooled] = deque()
         self._done: deque[tuple[Spooled, Future]] = deque()  # appended by the Link's threads, drained by the sender
         self._in_flight: dict[int, Spooled] = {}
         self._retry: list[tuple[int, Spooled]] = []  # heap by id: resend oldest first
@@ -111,10 +115,12 @@ class SpooledTransport(Transport):
             self._refused(problem)
             return
         try:
-            self.outbox.put(topic, QOS_AT_LEAST_ONCE, payload)
+            message_id = self.outbox.put(topic, QOS_AT_LEAST_ONCE, payload)
         except TransportError as error:  # a full disk: the message was never accepted; keep serving, report it
             self._refused(str(error))
             return
+        if len(self._fresh) < FRESH_MAX:
+            self._fresh.append(Spooled(message_id, topic, QOS_AT_LEAST_ONCE, payload))
         if not self._wake.is_set():
             self._wake.set()
 
@@ -213,7 +219,15 @@ class SpooledTransport(Transport):
             return None
         if self._retry:
             return [heapq.heappop(self._retry)[1] for _ in range(min(room, len(self._retry)))]
-        return self.outbox.after(cursor, min(room, FETCH_LIMIT))
+        fresh = self._fresh
+        while fresh and fresh[0].id <= cursor:  # already read from disk
+            fresh.popleft()
+        batch = []
+        while fresh and len(batch) < room and fresh[0].id == cursor + 1 + len(batch):
+            batch.append(fresh.popleft())
+        if batch or self.outbox.last_id <= cursor:
+            return batch
+        return self.outbox.after(cursor, min(room, FETCH_LIMIT))  # a backlog, or messages _fresh had no room for
 
     def _send(self, item: Spooled) -> None:
         while (wait_s := self._limiter.wait_s(len(item.payload))) > 0:
@@ -227,7 +241,13 @@ class SpooledTransport(Transport):
         except Exception as error:  # noqa: BLE001 -- a Link that fails synchronously is treated like a failed future
             future = Future()
             future.set_exception(error)
-        future.add_done_callback(lambda f, item=item: (self._done.append((item, f)), self._wake.set()))
+        future.add_done_callback(lambda f, item=item: self._finish(item, f))
+
+    def _finish(self, item: Spooled, future: Future) -> None:
+        """On the Link's thread: hand the outcome to the sender, waking it only if it sleeps."""
+        self._done.append((item, future))
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _settle(self, flush: bool = False) -> None:
         """Act on acknowledgements: delete the acknowledged and the refused, schedule the rest for a resend.

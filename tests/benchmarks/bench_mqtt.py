@@ -35,7 +35,7 @@ from agent.transport import mqtt  # noqa: E402
 from agent.transport.outbox import open_outbox  # noqa: E402
 
 THING = "bench-1"
-UNLIMITED = {"max_publishes_per_s": 1e9, "max_bytes_per_s": 1e12}
+UNLIMITED = {"max_publishes_per_s": 1e9, "max_bytes_per_s": 1e12, "max_in_flight": 1000}
 
 
 def results(n: int, sequence: SequenceCounter) -> list[InferenceResult]:
