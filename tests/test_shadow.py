@@ -5,6 +5,7 @@ and the whole standalone agent process taking a model update from an IoT Job and
 from __future__ import annotations
 
 import gc
+import json
 
 import pytest
 from awscrt import mqtt_request_response
@@ -144,6 +145,7 @@ def test_the_standalone_agent_takes_a_model_update_job_and_reports_it_in_its_sha
     ]
     data = make_bundle(tmp_path, keys / "trusted.key")
     service.subscribe(f"edge/{thing}/inference")
+    service.subscribe(f"edge/{thing}/status")
     with running_agent(*args, env=env) as agent:
         wait_for(lambda: reported(service, thing).get("model", {}).get("version") == SERVING, "the agent's first shadow report", timeout=30)
         service.queue_job(thing, "fleet-update-1", document(artifacts.publish("/e2e/bundle.zip", data), data))
@@ -154,4 +156,6 @@ def test_the_standalone_agent_takes_a_model_update_job_and_reports_it_in_its_sha
         assert state["update"] == {"job": "fleet-update-1", "status": "SUCCEEDED"}
         results = [m for m in service.messages if m.topic == f"edge/{thing}/inference"]
         assert results  # it kept publishing results throughout
+        status = wait_for(lambda: [m for m in service.messages if m.topic == f"edge/{thing}/status" and json.loads(m.payload)["model"]["version"] == NEW], "the status naming the new model")
+        assert json.loads(status[-1].payload)["state"] == "online"  # (published retained; live delivery clears the flag)
     assert (tmp_path / "store" / "mnist-int8" / NEW / "model.tflite").is_file()

@@ -30,11 +30,13 @@ class IotCoreHost(Host):
             backend=settings.model.backend,
             num_threads=settings.model.num_threads,
         )
-        manager.restore()
+        announce = lambda *_: pipeline.transport.publish(pipeline.status("online"))  # noqa: E731 -- the retained status names the model in use
+        if manager.restore() is not None:
+            announce()
         client = pipeline.transport.link.client
         self.shadow = DeviceShadow(client, settings.thing_name, pipeline)
         self.jobs = JobRunner(client, settings.thing_name, manager)
-        self.jobs.listeners.append(self.shadow.on_outcome)
+        self.jobs.listeners += [self.shadow.on_outcome, announce]
         self.shadow.start()
         self.jobs.start()
 
