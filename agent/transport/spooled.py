@@ -69,6 +69,8 @@ def refusal(topic: str, payload: bytes, kind: str) -> str | None:
 
 
 class SpooledTransport(Transport):
+    """Outbox in front, one sender thread behind, any Link at the far end (MQTT5, Greengrass IPC)."""
+
     def __init__(self, link: Link, topics: Topics, outbox: Outbox, settings: OutboxSettings, connect_timeout_s: float = 10.0):
         self.link = link
         self.topics = topics
@@ -124,11 +126,13 @@ class SpooledTransport(Transport):
         if not self._wake.is_set():
             self._wake.set()
 
-    def announce(self, status: StatusMessage) -> Future:
+    def announce(self, status: StatusMessage) -> None:
         """Publish a status retained on the status topic, bypassing the outbox (a stale status is worthless)."""
-        future = self.link.publish(self.topics.status, status.to_json_bytes(), QOS_AT_LEAST_ONCE, retain=True)
+        future = self._publish_status(status)
         future.add_done_callback(lambda f: f.exception() and log.warning("status %s not delivered: %s", status.state, f.exception()))
-        return future
+
+    def _publish_status(self, status: StatusMessage) -> Future:
+        return self.link.publish(self.topics.status, status.to_json_bytes(), QOS_AT_LEAST_ONCE, retain=True)
 
     def close(self, offline: StatusMessage, timeout_s: float = 5.0) -> None:
         """Deliver what the outbox holds for up to `timeout_s`, announce `offline`, disconnect.
@@ -140,9 +144,9 @@ class SpooledTransport(Transport):
             self._wake.set()
             self._idle.wait(max(0.0, deadline - time.monotonic()))
         try:
-            self.announce(offline).result(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as error:  # noqa: BLE001 -- best effort on the way out; the will covers us
-            log.warning("offline status not delivered: %s", error)
+            self._publish_status(offline).result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as error:  # noqa: BLE001 -- best effort on the way out
+            log.warning("offline status not delivered (%s); the broker publishes the last will instead", type(error).__name__)
         self._stop.set()
         self._wake.set()
         if self._sender.is_alive():
