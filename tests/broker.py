@@ -227,7 +227,10 @@ class Cable:
                 pass
             server.close()
         for sock in doomed:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pipe threads blocked in recv(); both ends see the link drop
+            except OSError:
+                pass
             sock.close()
 
     def _accept(self, server: socket.socket) -> None:

@@ -375,3 +375,25 @@ def test_a_backlog_larger_than_memory_holds_is_read_back_from_disk_in_order(mosq
         assert first_arrivals == sorted(first_arrivals)  # oldest first
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
+
+
+def test_after_a_reconnect_the_latest_status_is_retained_again(mosquitto, pki, cable, device, tmp_path):
+    """The will replaces the status while the link is down; on reconnect the latest status (not the first) returns."""
+    settings = transport_settings(mosquitto, device, tmp_path)
+    settings.mqtt.port = cable.port
+    transport, sequence = open_transport(settings)
+    try:
+        with Observer(mosquitto, pki, client_id="status-before") as before:
+            before.subscribe(STATUS)
+            transport.publish(StatusMessage(**sequence.envelope(), state="degraded", agent_version="test", reason="camera stalled"))
+            before.wait_for(lambda ms: ms and json.loads(ms[-1].payload)["state"] == "degraded")
+        cable.cut()
+        with Observer(mosquitto, pki, client_id="status-will") as watcher:
+            watcher.subscribe(STATUS)
+            assert json.loads(watcher.wait_for(lambda ms: ms)[-1].payload)["state"] == "offline"
+            cable.restore()
+            messages = watcher.wait_for(lambda ms: json.loads(ms[-1].payload)["state"] != "offline")
+        latest = json.loads(messages[-1].payload)
+        assert (latest["state"], latest["reason"]) == ("degraded", "camera stalled")
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -228,6 +228,12 @@ class MqttTransport(SpooledTransport):
         will = online.model_copy(update={"state": "offline", "reason": "connection lost", "message_id": new_message_id(), "sent_at": utc_now()})
         self.link.presence = Presence(self.topics.status, online.to_json_bytes(), will.to_json_bytes())
         super().start(online)
+
+    def announce(self, status: StatusMessage) -> None:
+        """Also remember it: after a reconnect the link re-announces the latest status, not the first one."""
+        if self.link.presence is not None:
+            self.link.presence = replace(self.link.presence, online=status.to_json_bytes())
+        super().announce(status)
 
 
 def from_settings(settings: Settings, topics: Topics) -> MqttTransport:
