@@ -140,25 +140,24 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
 def run_agent(settings: Settings) -> PipelineStats:
     """The `edge-agent run` command: serve until the source ends, max_frames, or a stop signal."""
     host = build_host(settings)
+    pipeline: Pipeline | None = None
+    started = False
     try:
         settings = host.configure(settings)
-        sequence = SequenceCounter(settings.thing_name)
         transport = build_transport(settings)
-        pipeline = build_pipeline(settings, transport, sequence)
-        started = False
-        try:
-            # Observers first: a live view port already in use fails here, before `online` is announced.
-            with stop_on_signals(pipeline), observed(pipeline, settings):
-                transport.start(pipeline.status("online"))
-                started = True
-                host.serving(pipeline)
-                return pipeline.run(settings.max_frames)
-        finally:
-            pipeline.source.close()
-            if started:
-                transport.close(pipeline.status("offline", reason="stopped"))
+        pipeline = build_pipeline(settings, transport, SequenceCounter(settings.thing_name))
+        # Observers first: a live view port already in use fails here, before `online` is announced.
+        with stop_on_signals(pipeline), observed(pipeline, settings):
+            transport.start(pipeline.status("online"))
+            started = True
+            host.serving(pipeline)
+            return pipeline.run(settings.max_frames)
     except AgentError as error:
         host.failed(error)
         raise
     finally:
-        host.close()
+        if pipeline is not None:
+            pipeline.source.close()
+        host.close()  # before the transport: Jobs, Shadow and IPC requests ride on its connection
+        if started:
+            transport.close(pipeline.status("offline", reason="stopped"))

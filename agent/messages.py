@@ -93,6 +93,7 @@ class StatusMessage(Envelope):
     agent_version: str
     model: ModelRef | None = None
     reason: str | None = None
+    outbox_dropped: int = Field(0, ge=0, description="messages the outbox dropped this run (full, too old, or refused for good)")
 
 
 class MetricsMessage(Envelope):

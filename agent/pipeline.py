@@ -114,6 +114,8 @@ class Pipeline:
         self.metrics_interval_s = metrics_interval_s
         self.stats = PipelineStats()
         self.observers: list[FrameObserver] = []
+        self._announced: tuple[str, str | None] = ("online", None)
+        self._dropped_reported = 0
         # Called on the pipeline thread before each frame is read: where live changes (settings from the
         # Greengrass nucleus, a model swap) are applied, so a frame never sees half of one.
         self.between_frames: list[Callable[[], None]] = []
@@ -176,7 +178,11 @@ class Pipeline:
         self.source.close()
 
     def status(self, state: str, reason: str | None = None) -> StatusMessage:
-        return StatusMessage(**self.sequence.envelope(), state=state, agent_version=__version__, model=self.slot.active.ref, reason=reason)
+        """A status message; the state and reason are remembered, so a later drop report repeats them."""
+        self._announced = (state, reason)
+        dropped = self.transport.stats().dropped
+        self._dropped_reported = dropped
+        return StatusMessage(**self.sequence.envelope(), state=state, agent_version=__version__, model=self.slot.active.ref, reason=reason, outbox_dropped=dropped)
 
     def metrics(self, interval_s: float, transport_queued: int = 0, transport_dropped: int = 0) -> MetricsMessage:
         elapsed = max(time.monotonic() - self.stats.started_monotonic, 1e-9)
@@ -214,5 +220,7 @@ class Pipeline:
             if time.monotonic() >= next_metrics:
                 transport = self.transport.stats()
                 self.transport.publish(self.metrics(self.metrics_interval_s, transport.queued, transport.dropped))
+                if transport.dropped > self._dropped_reported:  # the retained status says so too
+                    self.transport.publish(self.status(*self._announced))
                 next_metrics += self.metrics_interval_s
         return self.stats

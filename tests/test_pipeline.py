@@ -14,6 +14,7 @@ from agent.messages import SequenceCounter
 from agent.pipeline import ModelSlot, Pipeline
 from agent.schemas import SCHEMA_DIR, render, schema_documents
 from agent.sources import VideoFileSource
+from agent.transport.base import TransportStats
 from agent.transport.console import ConsoleTransport
 from conftest import SAMPLE_VIDEO
 
@@ -125,3 +126,24 @@ def test_stop_ends_the_loop(settings, model):
     pipeline = make_pipeline(settings, model, transport)
     pipeline.stop()
     assert pipeline.run().frames == 0
+
+
+class DroppingRecorder(Recorder):
+    """A transport whose outbox reports drops, as the spooled transport does when full."""
+
+    dropped = 0
+
+    def stats(self) -> TransportStats:
+        return TransportStats(connected=True, dropped=self.dropped)
+
+
+def test_outbox_drops_are_reported_on_the_status_topic(settings, model):
+    transport = DroppingRecorder()
+    pipeline = make_pipeline(settings, model, transport, metrics_interval_s=1e-6)
+    transport.publish(pipeline.status("online"))
+    pipeline.run(max_frames=3)
+    transport.dropped = 7
+    pipeline.run(max_frames=6)
+    statuses = [m for m in transport.lines(transport.side) if m["kind"] == "status"]
+    assert [s["outbox_dropped"] for s in statuses] == [0, 7]
+    assert statuses[-1]["state"] == "online"  # the state stands; the count is what changed

@@ -26,10 +26,11 @@ class TransportStats:
 
 
 class Transport(ABC):
-    """Accepts messages from the pipeline thread; a networked transport does its I/O on its own threads.
+    """Accepts messages; a networked transport does its I/O on its own threads.
 
-    `publish` must return quickly and never lose an accepted message (a networked transport spools it
-    durably before returning).
+    `publish` is called from the pipeline thread (results, metrics) and from the watchdog and update
+    threads (status), so it must be thread-safe, return quickly, and never lose an accepted message (a
+    networked transport spools it durably before returning).
     """
 
     @abstractmethod

@@ -158,13 +158,13 @@ class SpooledTransport(Transport):
         spooled = self.outbox.stats()
         stats = self._stats
         return TransportStats(
-            connected=getattr(self.link, "connected", True),
+            connected=self.link.connected,
             sent=stats.sent,
             acknowledged=stats.acknowledged,
             failed=stats.failed,
             queued=spooled.depth,
             dropped=stats.dropped + spooled.evicted,
-            reconnects=getattr(self.link, "reconnects", 0),
+            reconnects=self.link.reconnects,
             oldest_age_s=None if spooled.oldest_created is None else max(0.0, time.time() - spooled.oldest_created),
         )
 
