@@ -175,7 +175,7 @@ class Pipeline:
     def stop(self) -> None:
         """Ask the loop to finish after the current frame (safe from signal handlers and other threads)."""
         self._stop.set()
-        self.source.close()
+        self.source.interrupt()
 
     def status(self, state: str, reason: str | None = None) -> StatusMessage:
         """A status message; the state and reason are remembered, so a later drop report repeats them."""

@@ -54,7 +54,11 @@ class FrameSource(ABC):
     def read(self) -> Frame | None: ...
 
     def close(self) -> None:
-        """Release the device or file; a blocked `read()` returns None."""
+        """Release the device or file. Called from the thread that reads."""
+
+    def interrupt(self) -> None:
+        """Make a `read()` that is waiting for a frame return None soon. Safe from any thread or a signal
+        handler: it releases nothing (OpenCV must not release a capture another thread is reading)."""
 
     def _frame(self, image: np.ndarray, index: int, source: str | None = None) -> Frame:
         self.stats.read += 1
@@ -243,10 +247,14 @@ class LiveSource(FrameSource):
             image = self._latest
         return self._frame(image, self._taken_index)
 
-    def close(self) -> None:
+    def interrupt(self) -> None:
         self._closed.set()
         with self._changed:
             self._changed.notify_all()
+
+    def close(self) -> None:
+        """Safe from any thread: the capture thread releases its own capture on the way out."""
+        self.interrupt()
         self._thread.join(timeout=5)
 
 

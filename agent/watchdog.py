@@ -58,6 +58,10 @@ class RestartableSource(FrameSource):
         if self._closed:  # the agent stopped while the fresh source was opening
             fresh.close()
 
+    def interrupt(self) -> None:
+        self._closed = True
+        self._source.interrupt()
+
     def close(self) -> None:
         self._closed = True
         self._source.close()
