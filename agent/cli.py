@@ -102,6 +102,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from agent.config import settings_table
+
+    print(settings_table(), end="")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from agent.schemas import write_schemas
 
@@ -146,6 +153,9 @@ def build_parser() -> Parser:
     bench.add_argument("--seconds", type=float, default=10.0, help="how long the 30 fps run lasts")
     add_setting_flags(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    settings = commands.add_parser("settings", help="print every setting: key, environment variable, default, meaning (Markdown)")
+    settings.set_defaults(handler=cmd_settings)
 
     schema = commands.add_parser("schema", help="write the JSON Schemas of the published messages")
     schema.add_argument("--out", type=Path, default=None, help="folder (default: the package's schemas folder)")

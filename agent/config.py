@@ -49,27 +49,27 @@ class ModelSettings(Section):
     bundle: Path = Field(SHIPPED_BUNDLE, description="model bundle directory or .zip")
     trusted_keys: list[Path] = Field(default_factory=lambda: [DEV_SIGNING_KEY], description="Ed25519 public keys (PEM) allowed to sign bundles")
     require_signature: bool = Field(True, description="refuse bundles without a valid signature from a trusted key")
-    backend: Literal["auto", "litert", "tflite-runtime"] = "auto"
-    num_threads: int = Field(1, ge=1, le=64)
+    backend: Literal["auto", "litert", "tflite-runtime"] = Field("auto", description="TFLite runtime; auto prefers ai-edge-litert, then tflite-runtime")
+    num_threads: int = Field(1, ge=1, le=64, description="interpreter threads; one is fastest for a model this small")
     max_bundle_mb: float = Field(16.0, gt=0, description="largest bundle accepted, unpacked")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="predictions scoring below this are not published")
 
 
 class TopicSettings(Section):
     prefix: str = Field("edge", description="first topic level; '{thing}' below is the thing name")
-    inference: str = "{prefix}/{thing}/inference"
-    status: str = "{prefix}/{thing}/status"
-    metrics: str = "{prefix}/{thing}/metrics"
-    commands: str = "{prefix}/{thing}/commands"
+    inference: str = Field("{prefix}/{thing}/inference", description="results, QoS 1")
+    status: str = Field("{prefix}/{thing}/status", description="retained online/degraded/offline (the last will)")
+    metrics: str = Field("{prefix}/{thing}/metrics", description="periodic pipeline statistics")
+    commands: str = Field("{prefix}/{thing}/commands", description="subscribed: commands addressed to this thing")
 
 
 class MqttSettings(Section):
     endpoint: str | None = Field(None, description="IoT Core data endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS)")
-    port: int = Field(8883, ge=1, le=65535)
+    port: int = Field(8883, ge=1, le=65535, description="8883 for mutual TLS (443 would need ALPN)")
     cert: Path | None = Field(None, description="device certificate (PEM)")
     key: Path | None = Field(None, description="device private key (PEM)")
     ca: Path = Field(AMAZON_ROOT_CA, description="CA that signed the endpoint's certificate")
-    keep_alive_s: int = Field(60, ge=5, le=1200)
+    keep_alive_s: int = Field(60, ge=5, le=1200, description="MQTT keep-alive; IoT Core allows 30 to 1200")
     flow_control: Literal["iot-core", "none"] = Field("iot-core", description="iot-core caps publishing at IoT Core's per-connection quotas")
     connect_timeout_s: float = Field(10.0, gt=0, description="how long start-up waits for the first connection attempt before carrying on offline")
     min_reconnect_delay_s: float = Field(1.0, gt=0, description="first wait before reconnecting (the SDK backs off exponentially, with full jitter)")
@@ -94,7 +94,7 @@ class Settings(Section):
     """The whole agent configuration."""
 
     thing_name: str = Field("local-dev", min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_-]+$", description="IoT thing name; also the MQTT client id")
-    transport: Literal["console", "mqtt", "greengrass"] = "console"
+    transport: Literal["console", "mqtt", "greengrass"] = Field("console", description="where results go: stdout, IoT Core over MQTT5, or IoT Core through the Greengrass nucleus")
     max_frames: int | None = Field(None, ge=1, description="stop after this many frames (default: until the source ends)")
     metrics_interval_s: float = Field(60.0, gt=0, description="how often pipeline statistics are published")
     publish_empty: bool = Field(False, description="also publish frames in which nothing was found")
@@ -171,3 +171,41 @@ def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None 
     layered = read_settings_file(config_file) if config_file else {}
     layered = deep_merge(layered, environment_values())
     return validate_settings(deep_merge(layered, flags or {}))
+
+
+def settings_reference(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every leaf setting as (dotted key, default as JSON, description), in declaration order.
+
+    README's settings table is this, rendered by `edge-agent settings`; a test keeps the two equal.
+    """
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += settings_reference(annotation, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, str) and default.startswith(str(REPO_ROOT)):
+            default = _display_path(Path(default))
+        elif isinstance(default, Path) or (isinstance(default, list) and default and isinstance(default[0], Path)):
+            default = [_display_path(p) for p in default] if isinstance(default, list) else _display_path(default)
+        rows.append((key, json.dumps(default, default=str), field.description or ""))
+    return rows
+
+
+def _display_path(path: Path) -> str:
+    """Paths inside the checkout shown relative to it, so the table reads the same on every machine."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def settings_table() -> str:
+    """The settings reference as a Markdown table (key, environment variable, default, meaning)."""
+    lines = ["| setting | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, default, description in settings_reference():
+        variable = "EDGE_AGENT_" + key.replace(".", "__").upper()
+        lines.append(f"| `{key}` | `{variable}` | `{default}` | {description.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

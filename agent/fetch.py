@@ -29,11 +29,11 @@ class DownloadSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_mb: float = Field(16.0, gt=0, description="largest artifact accepted; bigger downloads stop at the limit")
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="longest wait for the artifact server to accept the connection")
     read_timeout_s: float = Field(30.0, gt=0, description="longest silence from the server before the attempt is retried")
     retries: int = Field(4, ge=0, le=20, description="attempts after the first; each resumes where the last stopped")
-    backoff_initial_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
+    backoff_initial_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles each time")
+    backoff_max_s: float = Field(30.0, ge=0, description="longest wait between retries")
     allow_http: bool = Field(False, description="accept plain http:// artifact URLs (development only)")
     ca_file: Path | None = Field(None, description="CA bundle for artifact servers (default: the system's trusted CAs)")
 

@@ -72,3 +72,12 @@ def test_deep_merge_keeps_siblings():
 def test_thing_name_rejects_topic_wildcards():
     with pytest.raises(ValueError):
         Settings(thing_name="a/#")
+
+
+def test_readme_settings_table_is_current():
+    """README's table is `edge-agent settings`; a new or changed setting without a README update fails here."""
+    from agent.config import REPO_ROOT, settings_table
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
+    assert block == settings_table(), "run `edge-agent settings` and paste it into README.md"
