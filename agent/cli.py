@@ -117,10 +117,17 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def trusted_keys(args: argparse.Namespace) -> list[Path]:
+    """`--trusted-key` as given, or the development key the shipped bundle is signed with."""
+    from agent.config import DEV_SIGNING_KEY
+
+    return args.trusted_key or [DEV_SIGNING_KEY]
+
+
 def cmd_model_verify(args: argparse.Namespace) -> int:
     from agent.bundle import open_bundle
 
-    bundle = open_bundle(args.bundle, trusted_keys=args.trusted_key, require_signature=not args.allow_unsigned, max_bytes=args.max_bytes)
+    bundle = open_bundle(args.bundle, trusted_keys=trusted_keys(args), require_signature=not args.allow_unsigned, max_bytes=args.max_bytes)
     manifest = bundle.manifest
     print(json.dumps({"ok": True, "name": manifest.name, "version": manifest.version, "signed_by": bundle.signer}))
     return 0
@@ -129,12 +136,12 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 def cmd_model_eval(args: argparse.Namespace) -> int:
     from agent.evaluate import evaluate_bundle
 
-    print(json.dumps(evaluate_bundle(args.bundle, trusted_keys=args.trusted_key, require_signature=not args.allow_unsigned), indent=2))
+    print(json.dumps(evaluate_bundle(args.bundle, trusted_keys=trusted_keys(args), require_signature=not args.allow_unsigned, max_bytes=args.max_bytes), indent=2))
     return 0
 
 
 def build_parser() -> Parser:
-    from agent.config import DEV_SIGNING_KEY
+    from agent.bundle import MAX_BUNDLE_BYTES
 
     parser = Parser(prog="edge-agent", description="Edge vision agent: camera frames -> int8 TFLite -> AWS IoT Core.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -170,15 +177,13 @@ def build_parser() -> Parser:
         sub.add_argument("bundle", type=Path)
         sub.add_argument("--trusted-key", type=Path, action="append", help="Ed25519 public key (repeatable; default: the development key)")
         sub.add_argument("--allow-unsigned", action="store_true", help="accept a bundle without a signature")
-        sub.add_argument("--max-bytes", type=int, default=16 * 1024 * 1024, help="largest bundle accepted")
-        sub.set_defaults(handler=handler, trusted_key_default=[DEV_SIGNING_KEY])
+        sub.add_argument("--max-bytes", type=int, default=MAX_BUNDLE_BYTES, help="largest bundle accepted")
+        sub.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "trusted_key_default", None) and not args.trusted_key:
-        args.trusted_key = args.trusted_key_default
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

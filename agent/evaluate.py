@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel
 
+from agent.bundle import MAX_BUNDLE_BYTES
 from agent.errors import ModelError
 from agent.runtime import Runtime
 
@@ -104,10 +105,11 @@ def evaluate_bundle(
     require_signature: bool = True,
     backend: str = "auto",
     num_threads: int = 1,
+    max_bytes: int = MAX_BUNDLE_BYTES,
     mnist_path: Path = MNIST_PATH,
 ) -> dict:
     """`edge-agent model eval`: load a bundle the way the agent does, then evaluate it (JSON-ready dict)."""
     from agent.model import load_model  # agent.model uses `accuracy` from here, so import on use
 
-    model = load_model(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature, backend=backend, num_threads=num_threads)
+    model = load_model(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature, backend=backend, num_threads=num_threads, max_bytes=max_bytes)
     return evaluate(model, mnist_path).model_dump()
