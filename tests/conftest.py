@@ -35,6 +35,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     )
 
 
+def one_line_error(result: subprocess.CompletedProcess, program: str = "edge-agent") -> str:
+    """The product's promise for bad input: exit 2 and exactly one stderr line, no traceback. Returns it."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{program}: "), result.stderr
+    return lines[0]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """One line (see one_line_error) that names each of `needles`."""
+    line = one_line_error(result)
+    for needle in needles:
+        assert needle in line, line
+
+
 @pytest.fixture(scope="session")
 def shipped_bundle() -> Path:
     return SHIPPED_BUNDLE

@@ -10,16 +10,7 @@ import numpy as np
 import pytest
 
 from agent.fleet.packing import pack
-from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE, agent_env, run_cli
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE, agent_env, assert_one_line_error, run_cli
 
 
 def unsigned_copy(tmp_path: Path, model_bytes: bytes) -> Path:

@@ -22,7 +22,7 @@ from agent.signing import verify
 from agent.updates import document_signed_bytes, parse_update
 from aws_stand_in import REGION, aws, aws_env, client, moto_server, set_job_execution  # noqa: F401 (fixtures)
 from bundle_helpers import make_bundle, other_key, test_key  # noqa: F401 (fixtures)
-from conftest import REPO, agent_env, run_cli
+from conftest import REPO, agent_env, one_line_error, run_cli
 
 ROLE = "arn:aws:iam::123456789012:role/edge-presign"
 
@@ -31,12 +31,8 @@ def fleet(endpoint: str, *args) -> subprocess.CompletedProcess:
     return run_cli(*args, "--endpoint-url", endpoint, env=agent_env(), program="agent.fleet")
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edge-fleet: "), result.stderr
-    return lines[0]
+def fleet_error(result: subprocess.CompletedProcess) -> str:
+    return one_line_error(result, program="edge-fleet")
 
 
 @pytest.fixture
@@ -103,13 +99,13 @@ def test_provision_never_overwrites_credentials(aws, tmp_path):
     out = tmp_path / "device-1"
     assert fleet(aws, "provision", "device-1", "--out", out).returncode == 0
     key = (out / "private.pem.key").read_bytes()
-    line = one_line_error(fleet(aws, "provision", "device-1", "--out", out))
+    line = fleet_error(fleet(aws, "provision", "device-1", "--out", out))
     assert "already exists" in line and "--out" in line
     assert (out / "private.pem.key").read_bytes() == key
 
 
 def test_provision_refuses_a_thing_name_iot_would_refuse(aws, tmp_path):
-    line = one_line_error(fleet(aws, "provision", "bad/name", "--out", tmp_path / "x"))
+    line = fleet_error(fleet(aws, "provision", "bad/name", "--out", tmp_path / "x"))
     assert "thing_name" in line
 
 
@@ -187,7 +183,7 @@ def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket
     assert (document.version, document.sha256, document.allow_downgrade) == ("1.0.0", first["sha256"], True)
     assert document.signature == parse_update(first["document"]).signature
 
-    line = one_line_error(fleet(aws, "model", "rollback", "--group", "line-a", "--to", "0.9.0", "--bucket", bucket, "--presign-role-arn", ROLE))
+    line = fleet_error(fleet(aws, "model", "rollback", "--group", "line-a", "--to", "0.9.0", "--bucket", bucket, "--presign-role-arn", ROLE))
     assert "version 0.9.0 was never published" in line
 
 
@@ -269,18 +265,18 @@ def test_fleet_status_watch_redraws_until_the_rollout_settles(aws, tmp_path):
 def test_no_credentials_is_one_line(aws, tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    line = one_line_error(fleet(aws, "fleet", "status"))
+    line = fleet_error(fleet(aws, "fleet", "status"))
     assert "no AWS credentials" in line and "aws configure" in line
 
 
 def test_missing_bucket_is_one_line(aws, tmp_path, unsigned_bundle, test_key):
     assert fleet(aws, "provision", "device-1", "--out", tmp_path / "d1").returncode == 0
-    line = one_line_error(publish(aws, unsigned_bundle, "no-such-bucket", test_key[0], "--thing", "device-1"))
+    line = fleet_error(publish(aws, unsigned_bundle, "no-such-bucket", test_key[0], "--thing", "device-1"))
     assert "HeadBucket" in line and "aws s3 mb s3://no-such-bucket" in line
 
 
 def test_unknown_thing_is_one_line(aws, bucket, unsigned_bundle, test_key):
-    line = one_line_error(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "ghost"))
+    line = fleet_error(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "ghost"))
     assert "DescribeThing" in line and "edge-fleet provision ghost" in line
 
 
@@ -288,24 +284,24 @@ def test_bad_bundle_is_one_line_before_any_upload(aws, tmp_path, bucket, test_ke
     broken = tmp_path / "broken.zip"
     with zipfile.ZipFile(broken, "w") as archive:
         archive.writestr("model.tflite", b"not a model")
-    line = one_line_error(publish(aws, broken, bucket, test_key[0], "--thing", "device-1"))
+    line = fleet_error(publish(aws, broken, bucket, test_key[0], "--thing", "device-1"))
     assert "manifest.json" in line
     assert "Contents" not in client(aws, "s3").list_objects_v2(Bucket=bucket)
 
 
 def test_bundle_signed_by_another_key_is_refused(aws, tmp_path, bucket, test_key, other_key):
     bundle = make_bundle(tmp_path / "b", other_key[0])
-    line = one_line_error(publish(aws, bundle, bucket, test_key[0], "--thing", "device-1"))
+    line = fleet_error(publish(aws, bundle, bucket, test_key[0], "--thing", "device-1"))
     assert "untrusted key" in line
 
 
 def test_jobs_need_a_presign_role(aws, bucket, unsigned_bundle, test_key):
     result = fleet(aws, "model", "publish", unsigned_bundle, "--bucket", bucket, "--signing-key", test_key[0], "--thing", "d")
-    assert "--presign-role-arn" in one_line_error(result)
+    assert "--presign-role-arn" in fleet_error(result)
 
 
 def test_bad_rollout_option_names_the_flag(aws, bucket, unsigned_bundle, test_key):
-    line = one_line_error(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "d", "--increment-factor", "9"))
+    line = fleet_error(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "d", "--increment-factor", "9"))
     assert "--increment-factor" in line
 
 

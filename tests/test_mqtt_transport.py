@@ -23,9 +23,8 @@ from agent.schemas import schema_documents
 from agent.topics import Topics
 from agent.transport import mqtt
 from broker import Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
-from conftest import REPO, agent_env, run_cli
+from conftest import REPO, agent_env, assert_one_line_error, run_cli
 from iot_service import IotService
-from test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.broker
 
