@@ -20,11 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import Mosquitto, Observer, Pki
-
-# awscrt 0.36.1 can still deliver a PUBLISH to a client after stop() returns; if the Python client object
-# is gone by then the event loop thread crashes (s_on_publish_received). Stopped clients are kept here.
-RETIRED: list = []
+from broker import STOPPED_CLIENTS, Mosquitto, Observer, Pki
 
 TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
 DEVICE_MAY_SET = {"IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"}
@@ -118,7 +114,7 @@ class IotService(Observer):
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
-        RETIRED.append(self.client)
+        STOPPED_CLIENTS.append(self.client)
 
     # -- the operator's side -----------------------------------------------------------------------------
 

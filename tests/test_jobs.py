@@ -13,8 +13,8 @@ from agent.cloud.jobs import JobRunner
 from agent.config import MqttSettings
 from agent.transport.mqtt import MqttLink
 from agent.updates import Reason, Stage
-from broker import mosquitto, pki  # noqa: F401 (fixtures)
-from iot_service import RETIRED, IotService
+from broker import STOPPED_CLIENTS, mosquitto, pki  # noqa: F401 (fixtures)
+from iot_service import IotService
 from update_helpers import NEW, SERVING, artifacts, document, keys, later, make_bundle, serving  # noqa: F401 (fixtures)
 
 THING = "jobs-thing"
@@ -33,7 +33,7 @@ def link(mosquitto, pki):
     connected = MqttLink(settings, client_id=THING)
     connected.connect(timeout_s=10)
     yield connected
-    RETIRED.append(connected.client)
+    STOPPED_CLIENTS.append(connected.client)
     connected.close()
 
 

@@ -19,9 +19,9 @@ from agent.config import DEV_SIGNING_KEY, MqttSettings
 from agent.transport.mqtt import MqttLink
 from agent.updates import Outcome, Reason, Status
 from agent_process import running_agent, wait_for
-from broker import mosquitto, pki  # noqa: F401 (fixtures)
+from broker import STOPPED_CLIENTS, mosquitto, pki  # noqa: F401 (fixtures)
 from conftest import SAMPLE_VIDEO
-from iot_service import RETIRED, IotService, delta
+from iot_service import IotService, delta
 from update_helpers import NEW, SERVING, artifacts, document, keys, make_bundle, serving  # noqa: F401 (fixtures)
 
 THING = "shadow-thing"
@@ -51,7 +51,7 @@ def device(serving, mosquitto, pki):
     s.shadow.close()
     s.shadow = None
     gc.collect()  # release the SDK's native clients before the link below them stops
-    RETIRED.append(link.client)
+    STOPPED_CLIENTS.append(link.client)
     link.close()
 
 
@@ -124,7 +124,7 @@ def test_the_stand_in_refuses_a_stale_shadow_version_with_409(service, mosquitto
         del client
         gc.collect()
     finally:
-        RETIRED.append(link.client)
+        STOPPED_CLIENTS.append(link.client)
         link.close()
 
 
