@@ -5,6 +5,12 @@ thread sends the oldest unsent messages through the Link within the connection's
 `max_in_flight` unacknowledged, deletes a message only once the Link says the far side has it, resends
 transient failures with exponential backoff, and drops (and counts) what the far side refuses for good.
 Nothing here knows MQTT: the Greengrass IPC Link drives the same class.
+
+A thread wake-up costs more CPU than the work it does at a camera's rate, so the sender works in rounds:
+while messages are in flight, neither new messages nor acknowledgements wake it; it comes back within
+LINGER_S and sends, settles and deletes whatever gathered meanwhile (only a full window or a drain is
+woken by acknowledgements). An idle sender is woken by the first new message, so a lone result is not
+delayed; a steady stream waits at most LINGER_S longer on its way out.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ FETCH_LIMIT = 256  # messages read from the outbox per query
 FRESH_MAX = 1024  # messages handed from publish() to the sender in memory, at most
 HOUSEKEEPING_S = 1.0  # how often the sender expires old messages
 DELETE_BATCH = 256  # acknowledged messages deleted per outbox transaction, at most
-DELETE_DELAY_S = 0.05  # and at the latest this long after the first of them was acknowledged
+DELETE_DELAY_S = 0.05  # and otherwise on the first round this long after the first of them was acknowledged
+LINGER_S = 0.1  # while messages are in flight, new ones wait for the sender's next round, at most this long
 LOG_EVERY_S = 10.0  # at most one warning per this interval about dropped messages
 
 
@@ -123,7 +130,7 @@ class SpooledTransport(Transport):
             return
         if len(self._fresh) < FRESH_MAX:
             self._fresh.append(Spooled(message_id, topic, QOS_AT_LEAST_ONCE, payload))
-        if not self._wake.is_set():
+        if not self._in_flight and not self._wake.is_set():  # a busy sender comes back within LINGER_S anyway
             self._wake.set()
 
     def announce(self, status: StatusMessage) -> None:
@@ -201,7 +208,7 @@ class SpooledTransport(Transport):
             self.outbox.sync()
             self._next_sync = now + self.settings.sync_interval_s
         batch = self._next_batch(cursor, now)
-        pause_s = DELETE_DELAY_S if self._finished else HOUSEKEEPING_S
+        pause_s = LINGER_S if self._in_flight else DELETE_DELAY_S if self._finished else HOUSEKEEPING_S
         if batch is None:  # waiting out a backoff or a full window
             self._wake.wait(max(0.001, min(self._retry_at - now, pause_s)) if self._retry_at > now else pause_s)
             return cursor
@@ -248,9 +255,13 @@ class SpooledTransport(Transport):
         future.add_done_callback(lambda f, item=item: self._finish(item, f))
 
     def _finish(self, item: Spooled, future: Future) -> None:
-        """On the Link's thread: hand the outcome to the sender, waking it only if it sleeps."""
+        """On the Link's thread: hand the outcome to the sender, waking it only if nothing else will.
+
+        A full window or a drain cannot go on without acknowledgements; otherwise the sender settles them on
+        its next round, at most LINGER_S away. The window counts a message until the sender has settled it,
+        so a sender that found it full is always woken."""
         self._done.append((item, future))
-        if not self._wake.is_set():
+        if (self._draining or len(self._in_flight) >= self.settings.max_in_flight) and not self._wake.is_set():
             self._wake.set()
 
     def _settle(self, flush: bool = False) -> None:
