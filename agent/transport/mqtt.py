@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 
+STOP_TIMEOUT_S = 5.0  # how long close() waits for the SDK's "stopped" event
 ACCEPTED = {mqtt5.PubackReasonCode.SUCCESS, mqtt5.PubackReasonCode.NO_MATCHING_SUBSCRIBERS}
 WORTH_RETRYING = {mqtt5.PubackReasonCode.QUOTA_EXCEEDED, mqtt5.PubackReasonCode.PACKET_IDENTIFIER_IN_USE}
 # Connection failures retrying cannot fix; anything else (refused, reset, timed out) the SDK retries.
@@ -95,6 +96,7 @@ class MqttLink:
         self._client: mqtt5.Client | None = None
         self._handlers: dict[str, MessageHandler] = {}
         self._first_attempt = threading.Event()
+        self._stopped = threading.Event()
         self._fatal: str | None = None
 
     @property
@@ -137,6 +139,7 @@ class MqttLink:
                 on_lifecycle_connection_success=self._on_connected,
                 on_lifecycle_connection_failure=self._on_connect_failed,
                 on_lifecycle_disconnection=self._on_disconnected,
+                on_lifecycle_stopped=lambda data: self._stopped.set(),
             )
         except exceptions.AwsCrtError as error:
             raise TransportError(f"mqtt.cert/mqtt.key/mqtt.ca: cannot load them ({error.name}); pass PEM files: the device certificate, its private key, the endpoint's CA") from None
@@ -158,8 +161,11 @@ class MqttLink:
         return self._subscribe(topic_filter, qos)
 
     def close(self) -> None:
+        """Disconnect cleanly. The client object is kept until the SDK says it stopped: awscrt 0.36 can still
+        deliver a message after stop() returns, and its event-loop thread crashes if the object is gone."""
         if self._client is not None:
             self._client.stop(mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION))
+            self._stopped.wait(STOP_TIMEOUT_S)
             self._client = None
 
     def _subscribe(self, topic_filter: str, qos: int = 1) -> Future:
