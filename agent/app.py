@@ -119,6 +119,7 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
     """Health, the watchdog and, if enabled, the live view server (/metrics, /healthz) around a running pipeline."""
     health = Health(pipeline, settings.watchdog.stale_after_s)
     metrics = Metrics(pipeline, settings.transport, health)
+    pipeline.update_listeners.append(lambda outcome: metrics.count_update(outcome.status.value, outcome.reason))
     server = LiveViewServer(pipeline, settings.liveview, metrics, health).start() if settings.liveview.enabled else None
     if server is not None:
         pipeline.observers += [metrics, server.view]

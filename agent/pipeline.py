@@ -114,6 +114,9 @@ class Pipeline:
         self.metrics_interval_s = metrics_interval_s
         self.stats = PipelineStats()
         self.observers: list[FrameObserver] = []
+        # Told every model update's outcome (agent.updates.Outcome); the pipeline only carries the list, so
+        # the update manager (built by the host) and the metrics (built around the run) can meet.
+        self.update_listeners: list = []
         self._announced: tuple[str, str | None] = ("online", None)
         self._dropped_reported = 0
         # Called on the pipeline thread before each frame is read: where live changes (settings from the

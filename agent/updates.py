@@ -278,8 +278,10 @@ class UpdateManager:
         trusted_keys: Sequence[Path],
         backend: BackendName = "auto",
         num_threads: int = 1,
+        listeners: list[Callable[[Outcome], None]] | None = None,
     ):
         self.settings = settings
+        self.listeners = listeners if listeners is not None else []  # told every outcome (metrics, status)
         self.slot = slot
         self.trusted_keys = list(trusted_keys)
         self.backend = backend
@@ -296,8 +298,8 @@ class UpdateManager:
         try:
             update = parse_update(document)
         except UpdateFailed as failed:
-            return Outcome(status=failed.status, reason=failed.reason, message=str(failed))
-        return self._run(update.name, update.version, lambda report, tmp: self._download(update, report, tmp), progress, update)
+            return self._told(Outcome(status=failed.status, reason=failed.reason, message=str(failed)))
+        return self._told(self._run(update.name, update.version, lambda report, tmp: self._download(update, report, tmp), progress, update))
 
     def apply_bundle(self, path: Path, progress: StageProgress | None = None) -> Outcome:
         """Apply a bundle already on disk (directory or .zip), e.g. a Greengrass model component's artifact."""
@@ -307,8 +309,13 @@ class UpdateManager:
             name, version = raw.get("name"), raw.get("version")
             check_name_version(name, version)
         except ModelError as exc:
-            return Outcome(status=Status.FAILED, reason=Reason.INVALID_BUNDLE, message=str(exc))
-        return self._run(name, version, lambda report, tmp: path, progress, None)
+            return self._told(Outcome(status=Status.FAILED, reason=Reason.INVALID_BUNDLE, message=str(exc)))
+        return self._told(self._run(name, version, lambda report, tmp: path, progress, None))
+
+    def _told(self, outcome: Outcome) -> Outcome:
+        for listener in self.listeners:
+            listener(outcome)
+        return outcome
 
     def check_downgrade(self, update: ModelUpdate) -> None:
         """REJECTED for an older version than the one serving, unless the document or settings allow it."""

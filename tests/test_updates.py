@@ -227,3 +227,16 @@ def test_the_published_job_document_schema_is_current_and_checks_documents(tmp_p
     for bad in ({**good, "operation": "reboot"}, {**good, "name": "../x"}, {**good, "url": "ftp://x"}, {**good, "extra": 1}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, published)
+
+
+def test_every_outcome_is_told_to_the_listeners(serving, tmp_path, keys, artifacts):
+    """How /metrics counts update attempts by outcome: the manager tells each listener every outcome."""
+    s = serving()
+    heard = []
+    s.manager.listeners.append(heard.append)
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    good = s.manager.apply(document(artifacts.publish("/told/good.zip", data), data))
+    bad = s.manager.apply({"operation": "reboot"})
+    on_disk = s.manager.apply_bundle(tmp_path / "no-such-bundle")
+    assert heard == [good, bad, on_disk]
+    assert [o.status for o in heard] == [Status.SUCCEEDED, Status.FAILED, Status.FAILED]

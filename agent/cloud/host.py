@@ -29,6 +29,7 @@ class IotCoreHost(Host):
             trusted_keys=settings.model.trusted_keys,
             backend=settings.model.backend,
             num_threads=settings.model.num_threads,
+            listeners=pipeline.update_listeners,
         )
         announce = lambda *_: pipeline.transport.publish(pipeline.status("online"))  # noqa: E731 -- the retained status names the model in use
         if manager.restore() is not None:

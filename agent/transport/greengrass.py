@@ -236,7 +236,8 @@ class NucleusHost(Host):
         self._pipeline = pipeline
         model = self._settings.model
         self._updates = UpdateManager(
-            self._settings.updates, pipeline.slot, pipeline.observers, trusted_keys=model.trusted_keys, backend=model.backend, num_threads=model.num_threads
+            self._settings.updates, pipeline.slot, pipeline.observers, trusted_keys=model.trusted_keys, backend=model.backend,
+            num_threads=model.num_threads, listeners=pipeline.update_listeners,
         )
         pipeline.between_frames.append(self.apply_pending)
         self._subscribe_commands()
