@@ -86,7 +86,6 @@ class PipelineStats:
     results: int = 0
     predictions: int = 0
     started_monotonic: float = field(default_factory=time.monotonic)
-    first_result_monotonic: float | None = None
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def percentile_ms(self, q: float) -> float:
@@ -218,8 +217,6 @@ class Pipeline:
                 self.transport.publish(result)
                 self.stats.results += 1
                 self.stats.predictions += len(result.predictions)
-                if self.stats.first_result_monotonic is None:
-                    self.stats.first_result_monotonic = time.monotonic()
             if time.monotonic() >= next_metrics:
                 transport = self.transport.stats()
                 self.transport.publish(self.metrics(self.metrics_interval_s, transport.queued, transport.dropped))
