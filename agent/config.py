@@ -40,6 +40,7 @@ class SourceSettings(Section):
     spec: str = Field(str(SHIPPED_SAMPLE_VIDEO), description="camera:N, a video file, an image folder, or an rtsp:// / http(s):// stream URL")
     loop: bool = Field(False, description="restart a video file or image folder at its end instead of stopping")
     pace_fps: float | None = Field(None, gt=0, description="deliver file frames at this rate, like a camera (default: as fast as the model goes)")
+    colour: bool = Field(False, description="keep frames in colour (the live view shows them so); off, frames are grey, all the digit finder reads, and an MJPG file decodes in 40% less time")
     reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a live source that disappeared")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reopen attempts (exponential backoff)")
     read_timeout_s: float = Field(5.0, gt=0, description="a live source with no new frame for this long counts as stalled")

@@ -15,7 +15,7 @@ from agent.transport.console import ConsoleTransport
 
 def infer_images(settings: Settings, images: list[Path]) -> Iterator[InferenceResult]:
     """Yield a result for every image (even one with no digit); then fail naming any that did not decode."""
-    source = ImageFilesSource.from_files(images)
+    source = ImageFilesSource.from_files(images, colour=settings.source.colour)
     pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=source, publish_empty=True)
     while (frame := source.read()) is not None:
         yield pipeline.process(frame)

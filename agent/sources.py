@@ -3,6 +3,11 @@
 Files are read frame by frame, every frame, in order (deterministic). Live sources (camera, stream)
 capture on their own thread and keep only the newest frame, so a slow model never builds a backlog;
 when the device or stream disappears they reopen it with exponential backoff.
+
+Frames are grey unless colour is asked for: the digit finder reads nothing else. Decoding is the
+biggest cost of a frame, so an MJPG file is read as its JPEG packets and libjpeg decodes each one
+straight to grey, skipping the colour planes (0.50 ms instead of FFmpeg's 0.80 ms to BGR, plus the
+conversion to grey, for a 640x480 frame); other codecs go through FFmpeg and are converted.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ from agent.errors import SourceError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 MAX_CONSECUTIVE_BAD_FRAMES = 50  # a file this broken in a row is treated as ended, not looped over forever
+MJPG = cv2.VideoWriter_fourcc(*"MJPG")
+
+
+def in_colour_or_grey(image: np.ndarray, colour: bool) -> np.ndarray:
+    """A decoded BGR frame as the pipeline wants it."""
+    return image if colour else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def imread_flag(colour: bool) -> int:
+    return cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE
 
 
 @dataclass(frozen=True)
@@ -90,13 +105,14 @@ class Pacer:
 class VideoFileSource(FrameSource):
     """Every frame of a video file in order; a frame that fails to decode is skipped and counted."""
 
-    def __init__(self, path: Path, loop: bool = False, pace_fps: float | None = None):
+    def __init__(self, path: Path, loop: bool = False, pace_fps: float | None = None, colour: bool = False):
         super().__init__(str(path))
         if not path.is_file():
             raise SourceError(f"source {path}: no such video file; pass an existing file, a folder of images, camera:N or a stream URL")
         self._path = path
         self._loop = loop
         self._pacer = Pacer(pace_fps)
+        self._colour = colour
         self._capture = self._open()
         self._index = 0
 
@@ -105,7 +121,15 @@ class VideoFileSource(FrameSource):
         if not capture.isOpened():
             raise SourceError(f"source {self._path}: OpenCV cannot decode this file; use an MJPG .avi or mp4v .mp4 video")
         self._frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        # MJPG packets are whole JPEG images: FFmpeg hands them over undecoded, and libjpeg decodes them.
+        self._packets = int(capture.get(cv2.CAP_PROP_FOURCC)) == MJPG and capture.set(cv2.CAP_PROP_FORMAT, -1)
         return capture
+
+    def _decoded(self, image: np.ndarray) -> np.ndarray | None:
+        """What capture.read() gave as the frame to deliver; None for a JPEG packet that does not decode."""
+        if self._packets:
+            return cv2.imdecode(image, imread_flag(self._colour))
+        return in_colour_or_grey(image, self._colour)
 
     def read(self) -> Frame | None:
         bad_in_a_row = 0
@@ -116,7 +140,7 @@ class VideoFileSource(FrameSource):
             ok, image = capture.read()
             if self._capture is not capture:
                 return None
-            if ok and image is not None:
+            if ok and image is not None and (image := self._decoded(image)) is not None:
                 self._pacer.wait()
                 frame = self._frame(image, self._index)
                 self._index += 1
@@ -149,28 +173,29 @@ class ImageFilesSource(FrameSource):
     An image that does not decode is skipped and counted, like a corrupt video frame.
     """
 
-    def __init__(self, name: str, files: list[Path], loop: bool = False, pace_fps: float | None = None):
+    def __init__(self, name: str, files: list[Path], loop: bool = False, pace_fps: float | None = None, colour: bool = False):
         super().__init__(name)
         self._files = files
         self._loop = loop
+        self._colour = colour
         self._pacer = Pacer(pace_fps)
         self._position = 0
         self._closed = False
         self.unreadable: list[Path] = []
 
     @classmethod
-    def from_folder(cls, folder: Path, loop: bool = False, pace_fps: float | None = None) -> "ImageFilesSource":
+    def from_folder(cls, folder: Path, loop: bool = False, pace_fps: float | None = None, colour: bool = False) -> "ImageFilesSource":
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SourceError(f"source {folder}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point it at a folder of images")
-        return cls(str(folder), files, loop, pace_fps)
+        return cls(str(folder), files, loop, pace_fps, colour)
 
     @classmethod
-    def from_files(cls, files: list[Path]) -> "ImageFilesSource":
+    def from_files(cls, files: list[Path], colour: bool = False) -> "ImageFilesSource":
         for path in files:
             if not path.is_file():
                 raise SourceError(f"image {path}: no such file; pass existing image files")
-        return cls("images", files)
+        return cls("images", files, colour=colour)
 
     def read(self) -> Frame | None:
         while not self._closed:
@@ -180,7 +205,7 @@ class ImageFilesSource(FrameSource):
                 self._position = 0
             path = self._files[self._position]
             self._position += 1
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = cv2.imread(str(path), imread_flag(self._colour))
             if image is None:
                 self.stats.corrupt += 1
                 self.unreadable.append(path)
@@ -221,6 +246,7 @@ class LiveSource(FrameSource):
         while not self._closed.is_set():
             ok, image = capture.read() if capture.isOpened() else (False, None)
             if ok and image is not None:
+                image = in_colour_or_grey(image, self._settings.colour)
                 backoff = self._settings.reconnect_initial_s
                 with self._changed:
                     if self._latest_index > self._taken_index:
@@ -276,5 +302,5 @@ def open_source(settings: SourceSettings) -> FrameSource:
         return LiveSource(spec, _stream_opener(spec, settings), settings)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ImageFilesSource.from_folder(path, loop=settings.loop, pace_fps=settings.pace_fps)
-    return VideoFileSource(path, loop=settings.loop, pace_fps=settings.pace_fps)
+        return ImageFilesSource.from_folder(path, loop=settings.loop, pace_fps=settings.pace_fps, colour=settings.colour)
+    return VideoFileSource(path, loop=settings.loop, pace_fps=settings.pace_fps, colour=settings.colour)

@@ -34,6 +34,11 @@ def sample():
     return frames, [pipeline.process(frame) for frame in frames]
 
 
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """A frame as the live view draws on it: the sources deliver grey unless colour is asked for."""
+    return image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+
+
 def green(image: np.ndarray) -> np.ndarray:
     """Where a BGR image is the annotation's green (JPEG-blurred), not paper, ink or board."""
     b, g, r = (image[..., i].astype(int) for i in range(3))
@@ -65,7 +70,7 @@ def assert_annotated(shown: np.ndarray, original: np.ndarray, result) -> None:
 def best_match(shown: np.ndarray, frames) -> int:
     """The sample frame the picture shows: the one closest to it below the header strip."""
     below = shown[HEADER_ROWS:].astype(np.int16)
-    differences = [np.abs(below - frame.image[HEADER_ROWS:].astype(np.int16)).mean() for frame in frames]
+    differences = [np.abs(below - as_bgr(frame.image)[HEADER_ROWS:].astype(np.int16)).mean() for frame in frames]
     index = int(np.argmin(differences))
     assert differences[index] < 6, f"the picture matches no sample frame (closest differs by {differences[index]:.1f} grey levels)"
     return index
@@ -76,10 +81,11 @@ def test_annotate_draws_boxes_labels_and_header(sample):
     index = next(i for i, r in enumerate(results) if len(r.predictions) >= 2)
     frame, result = frames[index], results[index]
     drawn = annotate(frame.image, result, result.model, fps=15.0, latency_ms=2.5)
-    assert drawn.shape == frame.image.shape
+    original = as_bgr(frame.image)
+    assert drawn.shape == original.shape
     assert not np.shares_memory(drawn, frame.image), "the pipeline's frame must not be drawn on"
-    assert_annotated(drawn, frame.image, result)
-    header = np.abs(drawn[:HEADER_ROWS].astype(int) - frame.image[:HEADER_ROWS]).sum(axis=2) > 60
+    assert_annotated(drawn, original, result)
+    header = np.abs(drawn[:HEADER_ROWS].astype(int) - original[:HEADER_ROWS]).sum(axis=2) > 60
     assert header.mean() > 0.05, "model, fps and latency header not drawn"
 
 
@@ -109,9 +115,9 @@ def test_browser_sees_the_annotated_stream(sample, tmp_path):
     assert size[:4] == [width, height, width, height]
     assert model_text == f"{results[0].model.name} {results[0].model.version}"
     shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    assert shown.shape == frames[0].image.shape
+    assert shown.shape == (height, width, 3)
     index = best_match(shown, frames)
-    assert_annotated(shown, frames[index].image, results[index])
+    assert_annotated(shown, as_bgr(frames[index].image), results[index])
 
 
 def test_encodes_only_for_a_viewer(sample):
@@ -133,7 +139,7 @@ def test_encodes_only_for_a_viewer(sample):
     body = b"".join(parts)
     assert body.startswith(b"--frame\r\nContent-Type: image/jpeg")
     first = body[body.index(b"\xff\xd8") : body.index(b"\xff\xd9") + 2]
-    assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == sample[0][0].image.shape
+    assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == as_bgr(sample[0][0].image).shape
 
 
 def test_page_results_and_unknown_paths(sample):

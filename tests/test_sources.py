@@ -35,11 +35,52 @@ def corrupt_frame(video, out, which: int) -> None:
     out.write_bytes(bytes(data))
 
 
+def ffmpeg_frames(path) -> list:
+    """Every frame as FFmpeg decodes it to BGR: what the sources are compared with."""
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    frames = []
+    while (decoded := capture.read())[0]:
+        frames.append(decoded[1])
+    return frames
+
+
 def test_video_file_gives_every_frame_in_order_then_ends():
     frames = read_all(VideoFileSource(SAMPLE_VIDEO))
     assert [f.index for f in frames] == list(range(frame_count(SAMPLE_VIDEO)))
-    assert frames[0].image.shape == (480, 640, 3)
+    assert frames[0].image.shape == (480, 640)
     assert frames[0].source == str(SAMPLE_VIDEO)
+
+
+def test_mjpg_frames_decoded_straight_to_grey_are_the_frames_in_grey():
+    """libjpeg's grey decode of each JPEG packet is FFmpeg's BGR frame converted to grey, to a level or two."""
+    expected = [cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) for image in ffmpeg_frames(SAMPLE_VIDEO)]
+    frames = read_all(VideoFileSource(SAMPLE_VIDEO))
+    assert len(frames) == len(expected)
+    for frame, image in zip(frames[::20], expected[::20]):
+        difference = cv2.absdiff(frame.image, image)
+        assert difference.max() <= 3 and difference.mean() < 1.5
+
+
+def test_colour_frames_when_asked(tmp_path):
+    expected = ffmpeg_frames(SAMPLE_VIDEO)[0]
+    frame = VideoFileSource(SAMPLE_VIDEO, colour=True).read()
+    assert frame.image.shape == (480, 640, 3)
+    assert cv2.absdiff(frame.image, expected).mean() < 1.0
+    cv2.imwrite(str(tmp_path / "a.png"), expected)
+    assert open_source(SourceSettings(spec=str(tmp_path), colour=True)).read().image.shape == (480, 640, 3)
+    assert open_source(SourceSettings(spec=str(tmp_path))).read().image.shape == (480, 640)
+
+
+def test_a_video_of_another_codec_goes_through_ffmpeg_and_is_grey_too(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 480))
+    for image in ffmpeg_frames(SAMPLE_VIDEO)[:10]:
+        writer.write(image)
+    writer.release()
+    expected = [cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) for image in ffmpeg_frames(clip)]
+    frames = read_all(VideoFileSource(clip))
+    assert len(frames) == len(expected) == 10
+    assert all(np.array_equal(frame.image, image) for frame, image in zip(frames, expected))
 
 
 def test_video_file_is_deterministic():
