@@ -161,6 +161,16 @@ def test_specks_are_ignored(mnist):
     assert len(found) == 3
 
 
+def test_pieces_joined_through_a_neighbour_are_one_digit():
+    """Three strokes in a row, each within the join gap of the next but the outer two far apart: one digit."""
+    frame = paper()
+    for x in (200, 214, 228):
+        cv2.rectangle(frame, (x, 200), (x + 5, 259), INK, -1)
+    found = DigitFinder().find(to_bgr(frame))
+    assert len(found) == 1
+    assert iou(found.boxes[0], [200, 200, 34, 60]) >= 0.8, found.boxes
+
+
 def test_blank_paper_paper_edges_lines_and_blobs_are_not_digits():
     frame = paper()
     frame[:, :90] = 90  # the desk beyond the left edge of the sheet

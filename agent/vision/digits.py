@@ -21,6 +21,7 @@ How digits are found, and why:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,48 +126,58 @@ def normalise_digit(ink: np.ndarray) -> np.ndarray:
     return out
 
 
-def _group(boxes: np.ndarray, gap: float) -> np.ndarray:
-    """Group index per box: boxes that touch once grown by `gap` x their height are one digit's pieces."""
-    x0, y0 = boxes[:, 0], boxes[:, 1]
-    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
-    margin = np.maximum(1.0, gap * boxes[:, 3])
-    touch = (
-        (x0[:, None] - margin[:, None] <= x1[None, :] + margin[None, :])
-        & (x0[None, :] - margin[None, :] <= x1[:, None] + margin[:, None])
-        & (y0[:, None] - margin[:, None] <= y1[None, :] + margin[None, :])
-        & (y0[None, :] - margin[None, :] <= y1[:, None] + margin[:, None])
-    )
-    group = np.arange(len(boxes))
-    while True:  # label propagation: each box takes the smallest group among the boxes it touches
-        merged = np.where(touch, group[None, :], len(boxes)).min(axis=1)
-        if np.array_equal(merged, group):
-            return group
-        group = merged[merged]
+def _group(pieces: list[tuple[int, int, int, int]], gap: float) -> list[list[int]]:
+    """Pieces (x, y, w, h) that touch once grown by `gap` x their height are one digit's: the groups, each
+    a list of piece indices in order, ordered by their first piece.
+
+    Plain Python, not numpy: a frame has a handful of pieces, and on a handful a numpy call costs more
+    than the work it does. Sweeping in order of left edge compares only pieces whose columns overlap.
+    """
+    grown = []
+    for x, y, w, h in pieces:
+        margin = max(1.0, gap * h)
+        grown.append((x - margin, y - margin, x + w + margin, y + h + margin))
+    first = list(range(len(pieces)))  # union-find whose root is always the group's first piece
+
+    def root(i: int) -> int:
+        while first[i] != i:
+            first[i] = first[first[i]]
+            i = first[i]
+        return i
+
+    by_left = sorted(range(len(pieces)), key=lambda i: grown[i][0])
+    for position, i in enumerate(by_left):
+        _, top, right, bottom = grown[i]
+        for j in by_left[position + 1 :]:
+            left_j, top_j, _, bottom_j = grown[j]
+            if left_j > right:
+                break
+            if top_j <= bottom and top <= bottom_j:
+                a, b = root(i), root(j)
+                first[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
 
 
-def _merge(pieces: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Boxes (x0, y0, x1, y1 arrays) of the groups of pieces, and each group's label in `group`."""
-    labels = np.unique(group)
-    if len(labels) == len(group):  # the usual case: every piece is a digit of its own
-        x0, y0 = pieces[:, 0], pieces[:, 1]
-        return x0, y0, x0 + pieces[:, 2], y0 + pieces[:, 3], group
-    order = np.argsort(group, kind="stable")
-    starts = np.flatnonzero(np.diff(group[order], prepend=-1))
-    p = pieces[order]
-    x0 = np.minimum.reduceat(p[:, 0], starts)
-    y0 = np.minimum.reduceat(p[:, 1], starts)
-    x1 = np.maximum.reduceat(p[:, 0] + p[:, 2], starts)
-    y1 = np.maximum.reduceat(p[:, 1] + p[:, 3], starts)
-    return x0, y0, x1, y1, labels
+def _bounds(pieces: list[tuple[int, int, int, int]], members: list[int]) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) around some of the pieces."""
+    x, y, w, h = pieces[members[0]]
+    x0, y0, x1, y1 = x, y, x + w, y + h
+    for k in members[1:]:
+        x, y, w, h = pieces[k]
+        x0, y0, x1, y1 = min(x0, x), min(y0, y), max(x1, x + w), max(y1, y + h)
+    return x0, y0, x1, y1
 
 
 @dataclass(frozen=True)
 class _Candidates:
     """Digit candidates of one polarity, in work-image pixels."""
 
-    boxes: np.ndarray  # (N, 4) x, y, w, h
-    mass: np.ndarray  # (N,) ink pixels in the box
-    contrast: np.ndarray  # (N,) how far its ink stands out from the surface, as a fraction of the brighter
+    boxes: list[tuple[int, int, int, int]]  # x, y, w, h
+    mass: list[int]  # ink pixels in the box
+    contrast: list[float]  # how far its ink stands out from the surface, as a fraction of the brighter
     members: list[list[np.ndarray]]  # the outer contours of each candidate's pieces
     ink: np.ndarray  # the relative-contrast image the candidates were cut from
     dark: bool
@@ -208,7 +219,7 @@ class DigitFinder:
         s = self.settings
         work_h, work_w = ink.shape
         min_h, max_h = s.min_height * work_h, s.max_height * work_h
-        empty = _Candidates(np.zeros((0, 4), np.int32), np.zeros(0), np.zeros(0), [], ink, dark)
+        empty = _Candidates([], [], [], [], ink, dark)
         # Hysteresis: a digit is the faint ink around strong ink, so pale strokes (chalk, pencil, a digit in
         # the shade) stay attached to their digit instead of breaking it into pieces.
         _, mask = cv2.threshold(ink, self._faint, 255, cv2.THRESH_BINARY)
@@ -216,21 +227,23 @@ class DigitFinder:
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         if not contours:
             return empty
-        pieces = np.array([cv2.boundingRect(c) for c in contours], np.int64)
         # Specks are dropped before grouping so that noise never glues two digits together.
-        big = np.flatnonzero(pieces[:, 2:].max(axis=1) >= max(3.0, 0.2 * min_h))
-        if len(big) == 0:
-            return empty
-        pieces = pieces[big]
-        group = _group(pieces.astype(np.float64), s.join_gap)
-        x0, y0, x1, y1, labels = _merge(pieces, group)
-        w, h = x1 - x0, y1 - y0
-        inside = (x0 > 0) & (y0 > 0) & (x1 < work_w) & (y1 < work_h)  # paper edges and frame borders
-        sized = np.flatnonzero(inside & (h >= min_h) & (h <= max_h) & (w <= s.max_aspect * h))
+        smallest = max(3.0, 0.2 * min_h)
+        pieces, outlines = [], []
+        for contour in contours:
+            rect = cv2.boundingRect(contour)
+            if rect[2] >= smallest or rect[3] >= smallest:
+                pieces.append(rect)
+                outlines.append(contour)
         chosen: list[tuple[int, int, int, int]] = []
         masses, contrasts, pieces_of = [], [], []
-        for g in sized.tolist():  # a handful of candidates, each checked with a few whole-box OpenCV calls
-            x, y, wg, hg = int(x0[g]), int(y0[g]), int(w[g]), int(h[g])
+        for members in _group(pieces, s.join_gap):  # a handful of candidates, each checked with a few whole-box OpenCV calls
+            x, y, x1, y1 = _bounds(pieces, members)
+            wg, hg = x1 - x, y1 - y
+            if not (x > 0 and y > 0 and x1 < work_w and y1 < work_h):  # paper edges and frame borders
+                continue
+            if not (min_h <= hg <= max_h and wg <= s.max_aspect * hg):
+                continue
             box = (slice(y, y + hg), slice(x, x + wg))
             mass = cv2.countNonZero(mask[box])
             if mass > s.max_fill * wg * hg and 2 * wg > hg:  # a solid blob (an upright 1 is a solid bar)
@@ -256,18 +269,18 @@ class DigitFinder:
             chosen.append((x, y, wg, hg))
             masses.append(mass)
             contrasts.append(contrast)
-            pieces_of.append([contours[j] for j in big[group == labels[g]]])
+            pieces_of.append([outlines[k] for k in members])
         if not chosen:
             return empty
-        return _Candidates(np.array(chosen, np.int32), np.array(masses, np.float64), np.array(contrasts), pieces_of, ink, dark)
+        return _Candidates(chosen, masses, contrasts, pieces_of, ink, dark)
 
     def _digits(
         self, found: list[_Candidates], keep: list[np.ndarray], factor: float, frame_size: tuple[int, int]
     ) -> FoundDigits:
-        picked = [(c, i) for c, k in zip(found, keep) for i in np.flatnonzero(k)]
+        picked = [(c, i) for c, k in zip(found, keep) for i in np.flatnonzero(k).tolist()]
         picked.sort(key=lambda ci: -ci[0].mass[ci[1]])
         picked = picked[: self.settings.max_digits]
-        picked.sort(key=lambda ci: (ci[0].boxes[ci[1], 1] + ci[0].boxes[ci[1], 3] // 2, ci[0].boxes[ci[1], 0]))
+        picked.sort(key=lambda ci: (ci[0].boxes[ci[1]][1] + ci[0].boxes[ci[1]][3] // 2, ci[0].boxes[ci[1]][0]))
         images = np.zeros((len(picked), MNIST_SIZE, MNIST_SIZE), np.float32)
         boxes = np.zeros((len(picked), 4), np.int32)
         for n, (cands, i) in enumerate(picked):
@@ -278,7 +291,7 @@ class DigitFinder:
 
     def _ink_crop(self, cands: _Candidates, i: int) -> np.ndarray:
         """The digit's ink as MNIST-like uint8 intensities: background 0, the body of the strokes 255."""
-        x, y, w, h = (int(v) for v in cands.boxes[i])
+        x, y, w, h = cands.boxes[i]
         ink = cands.ink[y : y + h, x : x + w]
         # Only this digit's pieces (filled, grown by a pixel to keep the anti-aliased edge): a neighbour
         # reaching into the box is not part of it.
@@ -302,24 +315,23 @@ def _overlap_winners(found: list[_Candidates]) -> list[np.ndarray]:
     stands out more from the surface wins (a real stroke is much darker, or lighter, than the paper)."""
     keep = [np.ones(len(c.boxes), bool) for c in found]
     if len(found) == 2 and len(found[0].boxes) and len(found[1].boxes):
-        a, b = found[0].boxes, found[1].boxes
+        a, b = np.array(found[0].boxes), np.array(found[1].boxes)
         overlap = (
             (a[:, None, 0] < b[None, :, 0] + b[None, :, 2])
             & (b[None, :, 0] < a[:, None, 0] + a[:, None, 2])
             & (a[:, None, 1] < b[None, :, 1] + b[None, :, 3])
             & (b[None, :, 1] < a[:, None, 1] + a[:, None, 3])
         )
-        stronger = found[0].contrast[:, None] >= found[1].contrast[None, :]
+        stronger = np.array(found[0].contrast)[:, None] >= np.array(found[1].contrast)[None, :]
         keep[0] = ~(overlap & ~stronger).any(axis=1)
         keep[1] = ~(overlap & stronger).any(axis=0)
     return keep
 
 
-def _to_frame(box: np.ndarray, factor: float, frame_size: tuple[int, int]) -> np.ndarray:
+def _to_frame(box: tuple[int, int, int, int], factor: float, frame_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """A work-image box -> the frame-pixel box that covers it."""
+    x, y, w, h = box
     width, height = frame_size
-    x0 = int(np.floor(box[0] * factor))
-    y0 = int(np.floor(box[1] * factor))
-    x1 = min(width, int(np.ceil((box[0] + box[2]) * factor)))
-    y1 = min(height, int(np.ceil((box[1] + box[3]) * factor)))
-    return np.array([x0, y0, x1 - x0, y1 - y0], np.int32)
+    x0, y0 = math.floor(x * factor), math.floor(y * factor)
+    x1, y1 = min(width, math.ceil((x + w) * factor)), min(height, math.ceil((y + h) * factor))
+    return x0, y0, x1 - x0, y1 - y0
