@@ -51,6 +51,9 @@ logging.getLogger("awsiot").addHandler(logging.NullHandler())  # its connect err
 CONNECT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0  # a nucleus that does not answer a request in this long is not coming back
 CONNECTION_LOST = (ConnectionClosedError, StreamClosedError, EventStreamError, AwsCrtError)
+# A request started on a connection that has just closed, before the SDK noticed, fails in awscrt with a
+# plain RuntimeError (AWS_ERROR_EVENT_STREAM_RPC_CONNECTION_CLOSED) instead of any of the above.
+NOT_STARTED = (*CONNECTION_LOST, RuntimeError)
 RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the nucleus asks again
 NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
 # What a running agent applies between two frames; any other change waits for the next start.
@@ -124,7 +127,7 @@ class IpcLink:
             reply = client.publish_to_iot_core_async(
                 topic_name=topic, qos=QOS.AT_LEAST_ONCE if qos else QOS.AT_MOST_ONCE, payload=payload, retain=retain or None
             )
-        except (ConnectionError, TransportError, *CONNECTION_LOST) as error:
+        except (ConnectionError, TransportError, *NOT_STARTED) as error:
             self._drop()
             acknowledged.set_exception(error)
             return acknowledged
