@@ -87,6 +87,7 @@ class OutboxSettings(Section):
     synchronous: Literal["normal", "full"] = Field("normal", description="normal: a power cut can lose the last sync_interval_s of results; full: fsync every result")
     sync_interval_s: float = Field(1.0, gt=0, description="how often the outbox is checkpointed; with synchronous=normal, how often accepted results are fsynced")
     max_in_flight: int = Field(100, ge=1, description="results sent but not yet acknowledged, at most (the SDK queues them in order, so this bounds how long a Jobs/Shadow request waits behind results)")
+    batch_max: int = Field(10, ge=1, le=100, description="most waiting messages of one topic sent as one batch message (1: each alone); fewer publishes drain a backlog faster within IoT Core's quota and cost less")
     retry_initial_s: float = Field(0.5, gt=0, description="first wait before resending after a failed publish (doubles up to retry_max_s)")
     retry_max_s: float = Field(30.0, gt=0, description="longest wait before resending after failed publishes")
 

@@ -40,6 +40,7 @@ from agent.config import DEV_SIGNING_KEY, SHIPPED_BUNDLE, validate_settings  # n
 from agent.fleet.packing import write_manifest  # noqa: E402
 from agent.fleet.publish import prepare  # noqa: E402
 from agent.fleet.status import Device, FleetStatus, iso_time, newest_timestamp, render  # noqa: E402
+from agent.messages import unbatch  # noqa: E402
 from agent.signing import generate_key  # noqa: E402
 from artifact_server import serve  # noqa: E402
 from broker import Mosquitto, Observer, Pki  # noqa: E402
@@ -65,7 +66,7 @@ class ResultLog(Observer):
         with self.lock:
             self.counts["$aws/" + parts[3] if parts[0] == "$aws" else parts[-1]] += 1
             if parts[0] == "edge" and parts[-1] == "inference":
-                self.versions[parts[1]].append(json.loads(packet.payload)["model"]["version"])
+                self.versions[parts[1]].extend(result["model"]["version"] for result in unbatch(packet.payload))
 
     def snapshot(self, thing: str) -> list[str]:
         with self.lock:

@@ -22,6 +22,7 @@ import jsonschema
 import pytest
 
 from agent.fleet.packing import sign_bundle, write_manifest, write_zip
+from agent.messages import unbatch
 from agent.signing import generate_key
 from agent.transport.base import PublishRejected
 from agent.transport.greengrass import IpcLink
@@ -33,6 +34,7 @@ MODEL_COMPONENT = "com.example.EdgeAgent.MnistModel"
 THING = "cam-1"
 INFERENCE, STATUS, COMMANDS = f"edge/{THING}/inference", f"edge/{THING}/status", f"edge/{THING}/commands"
 RESULT_SCHEMA = json.loads((REPO / "agent" / "schemas" / "inference-result.schema.json").read_text())
+BATCH_SCHEMA = json.loads((REPO / "agent" / "schemas" / "batch.schema.json").read_text())
 
 
 def interpolate(script: str, variables: dict[str, object]) -> str:
@@ -71,7 +73,7 @@ class Component:
         return self.finish()
 
     def results(self, topic: str = INFERENCE) -> list[dict]:
-        return [message.json() for message in self.nucleus.published_to(topic)]
+        return [result for message in self.nucleus.published_to(topic) for result in unbatch(message.payload)]
 
 
 @pytest.fixture
@@ -116,12 +118,16 @@ def test_results_reach_iot_core_through_publish_to_iot_core(greengrass):
     assert code == 0, stderr
     nucleus = component.nucleus
     assert nucleus.states[0] == "RUNNING"
-    results = nucleus.published_to(INFERENCE)
-    assert results, "no results were published"
-    assert {message.qos for message in results} == {"1"}
-    for message in results:
-        jsonschema.validate(message.json(), RESULT_SCHEMA)
-        assert message.json()["thing_name"] == THING
+    published = nucleus.published_to(INFERENCE)
+    assert published, "no results were published"
+    assert {message.qos for message in published} == {"1"}
+    for message in published:
+        jsonschema.validate(message.json(), BATCH_SCHEMA if message.json()["kind"] == "batch" else RESULT_SCHEMA)
+    results = component.results()
+    for result in results:
+        jsonschema.validate(result, RESULT_SCHEMA)
+        assert result["thing_name"] == THING
+    assert [r["sequence"] for r in results] == sorted(r["sequence"] for r in results), "results out of order"
     statuses = [message for message in nucleus.published_to(STATUS)]
     assert [s.json()["state"] for s in statuses] == ["online", "offline"] and all(s.retain for s in statuses)
     assert COMMANDS in nucleus.subscriptions
@@ -199,7 +205,7 @@ def test_access_denial_is_reported_not_retried(greengrass):
     assert code == 0, stderr
     denied = [payload for operation, topic, payload in component.nucleus.denied if topic == f"edge/{THING}/results"]
     assert denied, "the results topic outside accessControl should have been refused"
-    ids = [json.loads(payload)["message_id"] for payload in denied]
+    ids = [message["message_id"] for payload in denied for message in unbatch(payload)]
     assert len(ids) == len(set(ids)), "a refused message was sent again"
     assert f"refused PublishToIoTCore on edge/{THING}/results" in stderr and "accessControl" in stderr
     assert [m.json()["state"] for m in component.nucleus.published_to(STATUS)] == ["online", "offline"]

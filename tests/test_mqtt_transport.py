@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 
 from agent.config import Settings
-from agent.messages import InferenceResult, MetricsMessage, SequenceCounter, StatusMessage
+from agent.messages import Batch, InferenceResult, MetricsMessage, SequenceCounter, StatusMessage, unbatch
 from agent.schemas import schema_documents
 from agent.topics import Topics
 from agent.transport import mqtt
@@ -81,7 +81,8 @@ def results_count(stderr: str) -> int:
 
 
 def payloads(messages, topic: str) -> list[dict]:
-    return [json.loads(m.payload) for m in messages if m.topic == topic]
+    """Every message the agent sent on `topic`, batches unpacked."""
+    return [message for m in messages if m.topic == topic for message in unbatch(m.payload)]
 
 
 def frames_of(messages) -> set[tuple[str, int]]:
@@ -103,13 +104,16 @@ def test_results_arrive_on_their_topic_at_qos1_matching_the_schema(mosquitto, ob
     expected = results_count(done.stderr)
     assert expected > 0
     messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= expected)
-    results = [m for m in messages if m.topic == INFERENCE]
+    published = [m for m in messages if m.topic == INFERENCE]
     assert len(frames_of(messages)) == expected
-    assert {m.qos for m in results} == {1}
-    schema = schema_documents()["inference-result.schema.json"]
-    for message in results:
-        jsonschema.validate(json.loads(message.payload), schema)
-        assert InferenceResult.model_validate_json(message.payload).thing_name == THING
+    assert {m.qos for m in published} == {1}
+    schemas = schema_documents()
+    for message in published:
+        kind = json.loads(message.payload)["kind"]
+        jsonschema.validate(json.loads(message.payload), schemas["batch.schema.json" if kind == "batch" else "inference-result.schema.json"])
+    for result in payloads(messages, INFERENCE):
+        jsonschema.validate(result, schemas["inference-result.schema.json"])
+        assert InferenceResult.model_validate(result).thing_name == THING
     states = [p["state"] for p in payloads(messages, STATUS)]
     assert states[0] == "online" and states[-1] == "offline"
     assert sqlite3.connect(tmp_path / "outbox.db").execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
@@ -263,6 +267,18 @@ def open_transport(settings: Settings) -> tuple[mqtt.MqttTransport, SequenceCoun
     return transport, sequence
 
 
+def published_while_the_link_is_down(settings: Settings, cable, count: int) -> tuple[mqtt.MqttTransport, SequenceCounter, list[MetricsMessage]]:
+    """A transport through the cable that accepts `count` metrics messages while the cable is cut, then has it back."""
+    cable.cut()
+    settings.mqtt.port = cable.port
+    transport, sequence = open_transport(settings)
+    sent = [metrics_message(sequence) for _ in range(count)]
+    for message in sent:
+        transport.publish(message)
+    cable.restore()
+    return transport, sequence, sent
+
+
 def wait_until(condition, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition() and time.monotonic() < deadline:
@@ -275,7 +291,7 @@ def test_a_publish_the_policy_denies_is_reported_and_dropped_not_retried(mosquit
     transport, sequence = open_transport(settings)
     try:
         transport.publish(metrics_message(sequence))
-        wait_until(lambda: transport.stats().failed == 1)
+        wait_until(lambda: transport.stats().failed == 1 and transport.stats().queued == 0)  # deleted just after it is counted
         stats = transport.stats()
         assert (stats.failed, stats.dropped, stats.queued, stats.acknowledged) == (1, 1, 0, 0)
         assert any("not-in-policy" in r.message and "NOT_AUTHORIZED" in r.message for r in caplog.records)
@@ -355,23 +371,50 @@ def test_shadow_service_client_shares_the_connection(mosquitto, observer, device
 def test_a_backlog_larger_than_memory_holds_is_read_back_from_disk_in_order(mosquitto, observer, cable, device, tmp_path):
     """Link down, more accepted than the sender keeps in memory: every message still goes out once it is back."""
     observer.subscribe(METRICS)
-    cable.cut()
     outbox = {"path": str(tmp_path / "outbox.db"), "max_in_flight": 50, "max_publishes_per_s": 1e6, "max_bytes_per_s": 1e9}
     settings = transport_settings(mosquitto, device, tmp_path, outbox=outbox)
-    settings.mqtt.port = cable.port
     settings.mqtt.flow_control = "none"  # the SDK's IoT Core flow control would pace this at 100/s
-    transport, sequence = open_transport(settings)
+    transport, sequence, sent = published_while_the_link_is_down(settings, cable, 1500)
     try:
-        sent = [metrics_message(sequence) for _ in range(1500)]
-        for message in sent:
-            transport.publish(message)
-        cable.restore()
         expected = {m.sequence for m in sent}
-        messages = observer.wait_for(lambda ms: len(ms) >= len(expected) and {p["sequence"] for p in payloads(ms, METRICS)} >= expected, timeout_s=60)
+        messages = observer.wait_for(lambda ms: {p["sequence"] for p in payloads(ms, METRICS)} >= expected, timeout_s=60)
         arrived = [p["sequence"] for p in payloads(messages, METRICS)]
         assert set(arrived) >= expected
         first_arrivals = list(dict.fromkeys(arrived))
         assert first_arrivals == sorted(first_arrivals)  # oldest first
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
+
+
+@pytest.mark.parametrize("batch_max", [10, 1])
+def test_a_backlog_goes_out_in_batches_of_at_most_batch_max_each_message_once_in_order(mosquitto, observer, cable, device, tmp_path, batch_max):
+    observer.subscribe(METRICS)
+    settings = transport_settings(mosquitto, device, tmp_path, outbox={"path": str(tmp_path / "outbox.db"), "batch_max": batch_max})
+    transport, sequence, sent = published_while_the_link_is_down(settings, cable, 95)
+    try:
+        messages = observer.wait_for(lambda ms: len(payloads(ms, METRICS)) >= len(sent), timeout_s=30)
+        wait_until(lambda: transport.stats().queued == 0)
+    finally:
+        transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
+    assert [p["sequence"] for p in payloads(messages, METRICS)] == [m.sequence for m in sent]
+    kinds = {json.loads(m.payload)["kind"] for m in messages}
+    if batch_max == 1:
+        assert kinds == {"metrics"} and len(messages) == len(sent)
+    else:
+        assert kinds <= {"batch", "metrics"} and len(messages) <= 2 * -(-len(sent) // batch_max)
+        batches = [Batch.model_validate_json(m.payload) for m in messages if json.loads(m.payload)["kind"] == "batch"]
+        assert batches and all(2 <= len(b.messages) <= batch_max for b in batches)
+
+
+def test_a_refused_batch_drops_each_of_its_messages_once(mosquitto, observer, cable, device, tmp_path):
+    settings = transport_settings(mosquitto, device, tmp_path, topics={"metrics": "{prefix}/{thing}/not-in-policy"})
+    # The first goes alone (it wakes the sender), the rest in batches of 10.
+    transport, sequence, _ = published_while_the_link_is_down(settings, cable, 21)
+    try:
+        wait_until(lambda: transport.stats().failed == 21)
+        time.sleep(1.5)  # longer than the retry backoff: a retry would show up as more sends
+        stats = transport.stats()
+        assert (stats.sent, stats.failed, stats.dropped, stats.queued, stats.acknowledged) == (21, 21, 21, 0, 0)
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
 

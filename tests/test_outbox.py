@@ -1,18 +1,22 @@
-"""The durable outbox on real SQLite files: order, bounds, restart, and survival of a SIGKILL."""
+"""The durable outbox on real SQLite files: order, bounds, restart, survival of a SIGKILL; and how the sender cuts a round into publishes."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import jsonschema
 import pytest
 
 from agent.errors import TransportError
-from agent.transport.outbox import Outbox, stored_size
-from agent.transport.spooled import MAX_PAYLOAD_BYTES, RateLimiter, refusal
+from agent.messages import Batch, MetricsMessage, SequenceCounter, batch_payload, unbatch
+from agent.schemas import schema_documents
+from agent.transport.outbox import Outbox, Spooled, stored_size
+from agent.transport.spooled import MAX_PAYLOAD_BYTES, RateLimiter, publishes, refusal
 from conftest import REPO
 
 TOPIC = "edge/dev-1/inference"
@@ -126,3 +130,35 @@ def test_rate_limiter_holds_to_the_quotas():
     by_bytes = RateLimiter(publishes_per_s=1e6, bytes_per_s=512 * 1024)
     assert by_bytes.wait_s(512 * 1024) == 0
     assert by_bytes.wait_s(1024) > 0
+
+
+def spooled(ids, topic=TOPIC, size=100) -> list[Spooled]:
+    return [Spooled(i, topic, 1, b"x" * size) for i in ids]
+
+
+def test_a_round_is_sent_as_runs_of_one_topic_up_to_batch_max():
+    due = spooled(range(1, 6)) + spooled([6], topic="edge/dev-1/metrics") + spooled(range(7, 10))
+    assert [[m.id for m in group] for group in publishes(due, batch_max=3)] == [[1, 2, 3], [4, 5], [6], [7, 8, 9]]
+    assert [len(group) for group in publishes(due, batch_max=1)] == [1] * 9
+
+
+def test_a_batch_stays_within_iot_cores_payload_limit():
+    size = 30 * 1024
+    groups = publishes(spooled(range(1, 11), size=size), batch_max=10)
+    assert [len(group) for group in groups] == [4, 4, 2]
+    assert all(len(batch_payload([m.payload for m in group])) <= MAX_PAYLOAD_BYTES for group in groups)
+    assert [len(g) for g in publishes(spooled([1, 2], size=MAX_PAYLOAD_BYTES - 10), batch_max=10)] == [1, 1]
+
+
+def test_a_batch_payload_is_the_batch_message_of_its_messages():
+    """The sender joins encoded messages without decoding them: the result is what pydantic would write."""
+    sequence = SequenceCounter("dev-1")
+    metrics = [
+        MetricsMessage(**sequence.envelope(), interval_s=1, frames_read=n, frames_dropped=0, frames_corrupt=0, results=n, fps=30, latency_p50_ms=1, latency_p99_ms=2)
+        for n in range(3)
+    ]
+    payload = batch_payload([m.to_json_bytes() for m in metrics])
+    assert payload == Batch(messages=metrics).to_json_bytes()
+    jsonschema.validate(json.loads(payload), schema_documents()["batch.schema.json"])
+    assert unbatch(payload) == [json.loads(m.to_json_bytes()) for m in metrics]
+    assert unbatch(metrics[0].to_json_bytes()) == [json.loads(metrics[0].to_json_bytes())]

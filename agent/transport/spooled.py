@@ -6,6 +6,12 @@ thread sends the oldest unsent messages through the Link within the connection's
 transient failures with exponential backoff, and drops (and counts) what the far side refuses for good.
 Nothing here knows MQTT: the Greengrass IPC Link drives the same class.
 
+What a round sends goes out as few publishes as it can: consecutive messages of one topic travel together
+as one Batch message (agent.messages), up to `batch_max` of them and IoT Core's payload limit. A publish
+costs far more than its bytes on both ends (a round trip through the SDK, a quota token, a billed
+message), and each message inside a batch keeps its own id and sequence. Acknowledgement, refusal and
+resending work per message: a batch's outcome is each of its messages' outcome.
+
 A thread wake-up costs more CPU than the work it does at a camera's rate, so the sender works in rounds:
 while messages are in flight, neither new messages nor acknowledgements wake it; it comes back within
 LINGER_S and sends, settles and deletes whatever gathered meanwhile (only a full window or a drain is
@@ -25,7 +31,7 @@ from concurrent.futures import Future
 
 from agent.config import OutboxSettings
 from agent.errors import ConfigError, TransportError
-from agent.messages import Envelope, StatusMessage
+from agent.messages import BATCH_OVERHEAD, Envelope, StatusMessage, batch_payload
 from agent.topics import Topics, check_topic
 from agent.transport.base import Link, PublishRejected, Transport, TransportStats
 from agent.transport.outbox import Outbox, Spooled
@@ -64,6 +70,23 @@ class RateLimiter:
         return 0.0
 
 
+def publishes(due: list[Spooled], batch_max: int) -> list[list[Spooled]]:
+    """A round's messages, oldest first, as publishes: runs of one topic and QoS, each at most `batch_max`
+    messages and, batched, within IoT Core's payload limit."""
+    groups: list[list[Spooled]] = []
+    size = 0
+    for item in due:
+        group = groups[-1] if groups else None
+        grown = size + 1 + len(item.payload)  # a comma, then the message
+        if group and item.topic == group[0].topic and item.qos == group[0].qos and len(group) < batch_max and grown <= MAX_PAYLOAD_BYTES:
+            group.append(item)
+            size = grown
+        else:
+            groups.append([item])
+            size = BATCH_OVERHEAD + len(item.payload)
+    return groups
+
+
 def refusal(topic: str, payload: bytes, kind: str) -> str | None:
     """Why IoT Core would refuse this publish, checked before it is stored or sent; None if it is fine."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -92,7 +115,7 @@ class SpooledTransport(Transport):
         # What publish() just stored, handed to the sender in memory so that keeping up costs no disk read.
         # The outbox stays the truth: the sender reads it whenever ids are missing here (backlog, overflow).
         self._fresh: deque[Spooled] = deque()
-        self._done: deque[tuple[Spooled, Future]] = deque()  # appended by the Link's threads, drained by the sender
+        self._done: deque[tuple[list[Spooled], Future]] = deque()  # appended by the Link's threads, drained by the sender
         self._in_flight: dict[int, Spooled] = {}
         self._retry: list[tuple[int, Spooled]] = []  # heap by id: resend oldest first
         self._retry_at = 0.0
@@ -207,23 +230,23 @@ class SpooledTransport(Transport):
         if now >= self._next_sync:  # bounds what a power cut can take (synchronous=normal) and the WAL's size
             self.outbox.sync()
             self._next_sync = now + self.settings.sync_interval_s
-        batch = self._next_batch(cursor, now)
+        due = self._due(cursor, now)
         pause_s = LINGER_S if self._in_flight else DELETE_DELAY_S if self._finished else HOUSEKEEPING_S
-        if batch is None:  # waiting out a backoff or a full window
+        if due is None:  # waiting out a backoff or a full window
             self._wake.wait(max(0.001, min(self._retry_at - now, pause_s)) if self._retry_at > now else pause_s)
             return cursor
-        if not batch:
+        if not due:
             if not self._in_flight and not self._retry:
                 self._settle(flush=True)
                 if self._draining:
                     self._idle.set()
             self._wake.wait(pause_s)
             return cursor
-        for item in batch:
-            self._send(item)
-        return max(cursor, batch[-1].id)
+        for group in publishes(due, self.settings.batch_max):
+            self._send(group)
+        return max(cursor, due[-1].id)
 
-    def _next_batch(self, cursor: int, now: float) -> list[Spooled] | None:
+    def _due(self, cursor: int, now: float) -> list[Spooled] | None:
         """Retries first (oldest first), then what the outbox holds past the cursor; None = wait."""
         room = self.settings.max_in_flight - len(self._in_flight)
         if room <= 0 or (self._retry and now < self._retry_at):
@@ -233,34 +256,39 @@ class SpooledTransport(Transport):
         fresh = self._fresh
         while fresh and fresh[0].id <= cursor:  # already read from disk
             fresh.popleft()
-        batch = []
-        while fresh and len(batch) < room and fresh[0].id == cursor + 1 + len(batch):
-            batch.append(fresh.popleft())
-        if batch or self.outbox.last_id <= cursor:
-            return batch
+        due = []
+        while fresh and len(due) < room and fresh[0].id == cursor + 1 + len(due):
+            due.append(fresh.popleft())
+        if due or self.outbox.last_id <= cursor:
+            return due
         return self.outbox.after(cursor, min(room, FETCH_LIMIT))  # a backlog, or messages _fresh had no room for
 
-    def _send(self, item: Spooled) -> None:
-        while (wait_s := self._limiter.wait_s(len(item.payload))) > 0:
+    def _send(self, group: list[Spooled]) -> None:
+        """One publish: a message alone, or several of one topic as a Batch."""
+        first = group[0]
+        payload = first.payload if len(group) == 1 else batch_payload([item.payload for item in group])
+        while (wait_s := self._limiter.wait_s(len(payload))) > 0:
             if self._stop.wait(wait_s):
-                heapq.heappush(self._retry, (item.id, item))
+                for item in group:
+                    heapq.heappush(self._retry, (item.id, item))
                 return
-        self._in_flight[item.id] = item
-        self._stats.sent += 1
+        for item in group:
+            self._in_flight[item.id] = item
+        self._stats.sent += len(group)
         try:
-            future = self.link.publish(item.topic, item.payload, item.qos)
+            future = self.link.publish(first.topic, payload, first.qos)
         except Exception as error:  # noqa: BLE001 -- a Link that fails synchronously is treated like a failed future
             future = Future()
             future.set_exception(error)
-        future.add_done_callback(lambda f, item=item: self._finish(item, f))
+        future.add_done_callback(lambda f, group=group: self._finish(group, f))
 
-    def _finish(self, item: Spooled, future: Future) -> None:
+    def _finish(self, group: list[Spooled], future: Future) -> None:
         """On the Link's thread: hand the outcome to the sender, waking it only if nothing else will.
 
         A full window or a drain cannot go on without acknowledgements; otherwise the sender settles them on
         its next round, at most LINGER_S away. The window counts a message until the sender has settled it,
         so a sender that found it full is always woken."""
-        self._done.append((item, future))
+        self._done.append((group, future))
         if (self._draining or len(self._in_flight) >= self.settings.max_in_flight) and not self._wake.is_set():
             self._wake.set()
 
@@ -271,19 +299,20 @@ class SpooledTransport(Transport):
         between only means those messages are sent once more, which QoS1 receivers expect anyway."""
         finished, transient = self._finished, False
         while self._done:
-            item, future = self._done.popleft()
-            self._in_flight.pop(item.id, None)
+            group, future = self._done.popleft()
             error = future.exception()
-            if error is None:
-                finished.append(item.id)
-                self._stats.acknowledged += 1
-                self._backoff_s = self.settings.retry_initial_s
-            elif isinstance(error, PublishRejected):
-                finished.append(item.id)
-                self._refused(f"{item.topic}: {error}")
-            else:
-                heapq.heappush(self._retry, (item.id, item))
-                transient = True
+            for item in group:
+                self._in_flight.pop(item.id, None)
+                if error is None:
+                    finished.append(item.id)
+                    self._stats.acknowledged += 1
+                    self._backoff_s = self.settings.retry_initial_s
+                elif isinstance(error, PublishRejected):
+                    finished.append(item.id)
+                    self._refused(f"{item.topic}: {error}")
+                else:
+                    heapq.heappush(self._retry, (item.id, item))
+                    transient = True
         if transient:  # one backoff step per round of failures, however many messages failed together
             self._retry_at = time.monotonic() + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self.settings.retry_max_s)

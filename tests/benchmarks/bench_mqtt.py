@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the b
 from broker import Mosquitto, Pki  # noqa: E402
 
 from agent.config import Settings  # noqa: E402
-from agent.messages import Box, InferenceResult, ModelRef, Prediction, SequenceCounter, StageLatency, StatusMessage  # noqa: E402
+from agent.messages import Box, InferenceResult, ModelRef, Prediction, SequenceCounter, StageLatency, StatusMessage, unbatch  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 from agent.transport import mqtt  # noqa: E402
 from agent.transport.outbox import open_outbox  # noqa: E402
@@ -116,8 +116,13 @@ def latency_at(broker: Mosquitto, device, folder: Path, rate: float, seconds: fl
 
     def timed(topic, payload, qos, retain=False):  # measurement only: note when each PUBACK arrives
         future = publish(topic, payload, qos, retain)
-        key = json.loads(payload).get("frame", -1)
-        future.add_done_callback(lambda f: acked.setdefault(key, time.perf_counter()))
+        frames = [message.get("frame", -1) for message in unbatch(payload)]
+
+        def note(done):
+            for frame in frames:
+                acked.setdefault(frame, time.perf_counter())
+
+        future.add_done_callback(note)
         return future
 
     transport.link.publish = timed
