@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,16 @@ def test_run_prints_json_results_for_the_sample_video():
     sequences = [r["sequence"] for r in results]
     assert sequences == sorted(set(sequences))
     assert len({r["message_id"] for r in results}) == len(results)
+
+
+def test_a_reader_that_goes_away_stops_the_agent_quietly():
+    """`edge-agent run | head -1`: the agent stops with SIGPIPE's status and no traceback."""
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--loop"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env(), cwd=REPO)
+    assert json.loads(agent.stdout.readline())["kind"] == "inference"
+    agent.stdout.close()
+    _, stderr = agent.communicate(timeout=60)
+    assert agent.returncode == 141, stderr
+    assert b"Traceback" not in stderr and b"Broken pipe" not in stderr
 
 
 def test_package_runs_without_the_repo_layout_only_when_given_a_model(tmp_path):
