@@ -184,7 +184,7 @@ class _Candidates:
 
 
 class DigitFinder:
-    """Finds the digits in BGR frames; one instance serves every frame of a source (it keeps no state)."""
+    """Finds the digits in grey (or BGR) frames; one instance serves every frame of a source (it keeps no state)."""
 
     def __init__(self, settings: DigitFinderSettings | None = None):
         self.settings = settings or DigitFinderSettings()
