@@ -246,7 +246,6 @@ class LiveSource(FrameSource):
         while not self._closed.is_set():
             ok, image = capture.read() if capture.isOpened() else (False, None)
             if ok and image is not None:
-                image = in_colour_or_grey(image, self._settings.colour)
                 backoff = self._settings.reconnect_initial_s
                 with self._changed:
                     if self._latest_index > self._taken_index:
@@ -271,7 +270,8 @@ class LiveSource(FrameSource):
                 return None
             self._taken_index = self._latest_index
             image = self._latest
-        return self._frame(image, self._taken_index)
+        # Converted here, not on the capture thread, so a frame the pipeline skips costs nothing more.
+        return self._frame(in_colour_or_grey(image, self._settings.colour), self._taken_index)
 
     def interrupt(self) -> None:
         self._closed.set()

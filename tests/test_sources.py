@@ -175,7 +175,9 @@ def test_live_source_keeps_only_the_newest_frame():
     source = LiveSource("test-stream", video_opener(SAMPLE_VIDEO), settings)
     indices = []
     for _ in range(5):
-        indices.append(source.read().index)
+        frame = source.read()
+        assert frame.image.shape == (480, 640)  # grey, as every source delivers unless colour is asked for
+        indices.append(frame.index)
         time.sleep(0.1)  # a slow model
     source.close()
     assert indices == sorted(set(indices))
