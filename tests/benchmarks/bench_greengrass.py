@@ -165,9 +165,9 @@ def greengrass_paced(seconds: float, workdir: Path, fps: float = 30.0) -> dict:
         finally:
             process.terminate()
             process.wait(timeout=30)
-        published = nucleus.published_to(f"edge/{THING}/inference")
-        per_publish = sum(len(unbatch(m.payload)) for m in published) / len(published)
-    return {"fps": fps, **measured, "start_to_first_result_s": round(first_result_s, 3), "results_per_publish": round(per_publish, 1)}
+        count = ResultCount(nucleus, f"edge/{THING}/inference", expected=0)
+        count()
+    return {"fps": fps, **measured, "start_to_first_result_s": round(first_result_s, 3), "results_per_publish": round(count.results / count.messages, 1)}
 
 
 def main() -> None:
@@ -177,14 +177,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each paced 30 fps run is measured")
     args = parser.parse_args()
     results = real_results(args.messages)
+    batch_max = Settings().outbox.batch_max
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
         report = {
             "transport_results_per_s": {
                 "console": round(console_rate(results)),
-                "greengrass_ipc_unlimited": greengrass_rate(results, workdir, 1e9, Settings().outbox.batch_max),
+                "greengrass_ipc_unlimited": greengrass_rate(results, workdir, 1e9, batch_max),
                 "greengrass_ipc_unlimited_unbatched": greengrass_rate(results, workdir, 1e9, 1),
-                "greengrass_ipc_iot_core_quota": greengrass_rate(results[:2000], workdir, 100.0, Settings().outbox.batch_max),
+                "greengrass_ipc_iot_core_quota": greengrass_rate(results[:2000], workdir, 100.0, batch_max),
                 "greengrass_ipc_iot_core_quota_unbatched": greengrass_rate(results[:500], workdir, 100.0, 1),
             },
             "agent_process": {
