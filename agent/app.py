@@ -9,15 +9,16 @@ from typing import Iterator
 
 import cv2
 
-from agent.config import Settings
+from agent.cloud.host import Host
 from agent.errors import AgentError
+from agent.inference.model import LoadedModel, load_model
+from agent.inference.pipeline import ModelSlot, Pipeline, PipelineStats
 from agent.messages import SequenceCounter
-from agent.liveview import LiveViewServer
-from agent.model import LoadedModel, load_model
-from agent.observability import Health, Metrics
-from agent.pipeline import ModelSlot, Pipeline, PipelineStats
+from agent.observe.liveview import LiveViewServer
+from agent.observe.metrics import Health, Metrics
+from agent.observe.watchdog import supervise
+from agent.settings import Settings
 from agent.sources import FrameSource, open_source
-from agent.watchdog import supervise
 from agent.topics import Topics
 from agent.transport.base import Transport
 
@@ -30,25 +31,7 @@ TRANSPORTS = {
 }
 # Transports whose agent runs under a supervisor with its own say (the Greengrass nucleus; IoT Core's Jobs
 # and Shadow for mqtt). Each factory takes the settings and returns a Host; console runs under the do-nothing Host below.
-HOSTS = {"greengrass": "agent.transport.greengrass:host_from_settings", "mqtt": "agent.cloud.host:host_from_settings"}
-
-
-class Host:
-    """What the agent runs under. On its own: nothing, so every method does nothing. Under Greengrass:
-    the nucleus, which configures the agent, changes that configuration live, and wants to hear whether
-    the agent serves or failed (agent.transport.greengrass.NucleusHost)."""
-
-    def configure(self, settings: Settings) -> Settings:
-        """The settings to run with, given the ones from defaults, file, environment and flags."""
-        return settings
-
-    def serving(self, pipeline: Pipeline) -> None:
-        """The pipeline is built and the transport started; it serves from now on."""
-
-    def failed(self, error: AgentError) -> None:
-        """The agent is stopping on a fault it cannot get past."""
-
-    def close(self) -> None: ...
+HOSTS = {"greengrass": "agent.cloud.nucleus:host_from_settings", "mqtt": "agent.cloud.iot_core:host_from_settings"}
 
 
 def build_host(settings: Settings) -> Host:

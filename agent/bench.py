@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from agent.app import build_pipeline, load_configured_model
-from agent.config import Settings
-from agent.evaluate import invoke_latency_us
+from agent.inference.evaluate import invoke_latency_us
 from agent.messages import SequenceCounter
+from agent.settings import Settings
 from agent.sources import open_source
 from agent.transport.console import ConsoleTransport
 

@@ -76,7 +76,7 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def settings_from(args: argparse.Namespace):
-    from agent.config import load_settings
+    from agent.settings import load_settings
 
     return load_settings(args.config, flag_overrides(args))
 
@@ -105,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    from agent.config import settings_table
+    from agent.settings import settings_table
 
     print(settings_table(), end="")
     return 0
@@ -121,13 +121,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def trusted_keys(args: argparse.Namespace) -> list[Path]:
     """`--trusted-key` as given, or the development key the shipped bundle is signed with."""
-    from agent.config import DEV_SIGNING_KEY
+    from agent.settings import DEV_SIGNING_KEY
 
     return args.trusted_key or [DEV_SIGNING_KEY]
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
-    from agent.bundle import open_bundle
+    from agent.bundles.bundle import open_bundle
 
     bundle = open_bundle(args.bundle, trusted_keys=trusted_keys(args), require_signature=not args.allow_unsigned, max_bytes=args.max_bytes)
     manifest = bundle.manifest
@@ -136,14 +136,14 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_model_eval(args: argparse.Namespace) -> int:
-    from agent.evaluate import evaluate_bundle
+    from agent.inference.evaluate import evaluate_bundle
 
     print(json.dumps(evaluate_bundle(args.bundle, trusted_keys=trusted_keys(args), require_signature=not args.allow_unsigned, max_bytes=args.max_bytes), indent=2))
     return 0
 
 
 def build_parser() -> Parser:
-    from agent.bundle import MAX_BUNDLE_BYTES
+    from agent.bundles.bundle import MAX_BUNDLE_BYTES
 
     parser = Parser(prog="edge-agent", description="Edge vision agent: camera frames -> int8 TFLite -> AWS IoT Core.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Iterator
 
 from agent.app import build_pipeline
-from agent.config import Settings
 from agent.errors import SourceError
 from agent.messages import InferenceResult, SequenceCounter
+from agent.settings import Settings
 from agent.sources import ImageFilesSource
 from agent.transport.console import ConsoleTransport
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.config import TopicSettings
 from agent.errors import ConfigError
+from agent.settings import TopicSettings
 
 MAX_TOPIC_BYTES = 256
 MAX_TOPIC_SLASHES = 7  # IoT Core refuses deeper topics (and the Greengrass spooler then retries forever)

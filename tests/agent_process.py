@@ -12,9 +12,8 @@ import urllib.request
 from contextlib import contextmanager
 from typing import IO, Callable, Iterator
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import REPO, agent_env
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:

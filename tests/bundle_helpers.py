@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from agent.fleet.packing import sign_bundle, write_manifest
-from agent.signing import generate_key
 from conftest import SHIPPED_BUNDLE
+
+from agent.bundles.signing import generate_key
+from agent.fleet.packing import sign_bundle, write_manifest
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +54,8 @@ def make_bundle(dest: Path, private_key: Path | None, edit: Callable[[dict], Non
 
 def write_signed_raw(bundle: Path, raw: dict, private_key: Path) -> None:
     """Write and sign a manifest as given, unchecked: how a hostile or buggy packer would."""
-    from agent.bundle import canonical_bytes
-    from agent.signing import load_private_key, sign
+    from agent.bundles.bundle import canonical_bytes
+    from agent.bundles.signing import load_private_key, sign
 
     (bundle / "manifest.json").write_text(json.dumps(raw))
     (bundle / "manifest.sig").write_bytes(sign(canonical_bytes(raw), load_private_key(private_key)))

@@ -35,17 +35,17 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 import yaml  # noqa: E402
+from artifact_server import serve  # noqa: E402
+from broker import Mosquitto, Observer, Pki  # noqa: E402
+from conftest import SAMPLE_VIDEO, agent_env  # noqa: E402
+from iot_service import TERMINAL, IotService  # noqa: E402
 
-from agent.config import DEV_SIGNING_KEY, SHIPPED_BUNDLE, validate_settings  # noqa: E402
+from agent.bundles.signing import generate_key  # noqa: E402
 from agent.fleet.packing import write_manifest  # noqa: E402
 from agent.fleet.publish import prepare  # noqa: E402
 from agent.fleet.status import Device, FleetStatus, iso_time, newest_timestamp, render  # noqa: E402
 from agent.messages import unbatch  # noqa: E402
-from agent.signing import generate_key  # noqa: E402
-from artifact_server import serve  # noqa: E402
-from broker import Mosquitto, Observer, Pki  # noqa: E402
-from conftest import REPO, SAMPLE_VIDEO, agent_env  # noqa: E402
-from iot_service import TERMINAL, IotService  # noqa: E402
+from agent.settings import DEV_SIGNING_KEY, SHIPPED_BUNDLE, validate_settings  # noqa: E402
 
 JOB_ID = "fleet-sim-model-update"
 TICK = os.sysconf("SC_CLK_TCK")

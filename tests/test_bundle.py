@@ -11,14 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_helpers import (  # noqa: F401 (fixtures)
+    copy_bundle,
+    make_bundle,
+    other_key,
+    repack,
+    test_key,
+    write_signed_raw,
+)
+from conftest import REPO, SHIPPED_BUNDLE, run_cli
 
-from agent.bundle import open_bundle
+from agent.bundles.bundle import open_bundle
+from agent.bundles.signing import key_id, load_private_key, load_public_key, sign
 from agent.errors import ModelError
 from agent.fleet.cli import main as fleet_main
-from agent.model import load_model
-from agent.signing import key_id, load_private_key, load_public_key, sign
-from bundle_helpers import copy_bundle, make_bundle, other_key, repack, test_key, write_signed_raw  # noqa: F401 (fixtures)
-from conftest import REPO, SHIPPED_BUNDLE, run_cli
+from agent.inference.model import load_model
 
 DEV_KEY = REPO / "models" / "keys" / "dev-signing.pub"
 

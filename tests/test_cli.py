@@ -10,9 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    REPO,
+    SAMPLE_VIDEO,
+    SHIPPED_BUNDLE,
+    agent_env,
+    assert_one_line_error,
+    run_cli,
+)
 
 from agent.fleet.packing import pack
-from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE, agent_env, assert_one_line_error, run_cli
 
 
 def unsigned_copy(tmp_path: Path, model_bytes: bytes) -> Path:
@@ -133,9 +140,9 @@ def test_package_runs_without_the_repo_layout_only_when_given_a_model(tmp_path):
 
 def test_model_whose_input_is_not_an_image(tmp_path):
     """A real, valid TFLite model with a vector input, honestly described by its manifest: still refused."""
-    from agent.bundle import read_manifest
+    from agent.bundles.bundle import read_manifest
     from agent.fleet.packing import write_manifest
-    from agent.runtime import Runtime
+    from agent.inference.runtime import Runtime
 
     bundle = unsigned_copy(tmp_path, (REPO / "tests" / "data" / "not-an-image.tflite").read_bytes())
     runtime = Runtime(bundle / "model.tflite")

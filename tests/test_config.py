@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Settings, deep_merge, load_settings
 from agent.errors import ConfigError
+from agent.settings import Settings, deep_merge, load_settings
 
 
 def test_defaults_run_the_shipped_sample_on_the_shipped_model(shipped_bundle, sample_video):
@@ -76,7 +76,7 @@ def test_thing_name_rejects_topic_wildcards():
 
 def test_readme_settings_table_is_current():
     """README's table is `edge-agent settings`; a new or changed setting without a README update fails here."""
-    from agent.config import REPO_ROOT, settings_table
+    from agent.settings import REPO_ROOT, settings_table
 
     readme = (REPO_ROOT / "README.md").read_text()
     block = readme.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]

@@ -14,7 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from agent.errors import SourceError
-from agent.vision.digits import DigitFinder, DigitFinderSettings, FoundDigits, normalise_digit
+from agent.inference.tasks.digit_finder import DigitFinder, FoundDigits, normalise_digit
+from agent.settings import DigitFinderSettings
 
 MNIST = Path(__file__).resolve().parents[1] / "models" / "mnist" / "data" / "mnist.npz"
 PAPER, INK = 215.0, 45.0

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from botocore.stub import ANY, Stubber
-
-from agent.bundle import open_bundle, sha256_file
-from agent.config import load_settings
-from agent.signing import verify
-from agent.updates import document_signed_bytes, parse_update
 from aws_stand_in import REGION, aws, aws_env, client, moto_server, set_job_execution  # noqa: F401 (fixtures)
+from botocore.stub import ANY, Stubber
 from bundle_helpers import make_bundle, other_key, test_key  # noqa: F401 (fixtures)
 from conftest import REPO, agent_env, one_line_error, run_cli
+
+from agent.bundles.bundle import open_bundle, sha256_file
+from agent.bundles.signing import verify
+from agent.bundles.updates import document_signed_bytes, parse_update
+from agent.settings import load_settings
 
 ROLE = "arn:aws:iam::123456789012:role/edge-presign"
 
@@ -317,7 +317,13 @@ def fleet_aws(aws):
 
 def test_greengrass_publish_makes_a_component_version_and_keeps_the_groups_other_components(fleet_aws, tmp_path, bucket, unsigned_bundle, test_key):
     from agent.fleet.publish import prepare, upload
-    from agent.fleet.rollout import DEFAULT_RECIPE, Rollout, artifact_file_name, load_recipe, roll_out
+    from agent.fleet.rollout import (
+        DEFAULT_RECIPE,
+        Rollout,
+        artifact_file_name,
+        load_recipe,
+        roll_out,
+    )
 
     recipe = load_recipe(DEFAULT_RECIPE)
     artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket, artifact_file_name(recipe))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from broker import needs_mosquitto
 from fleet_sim import simulate
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
-from agent.fleet.packing import sign_bundle, write_manifest, write_zip
-from agent.messages import unbatch
-from agent.signing import generate_key
-from agent.transport.base import PublishRejected
-from agent.transport.greengrass import IpcLink
 from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE
 from ipc_server import IpcServer, merge_configuration
+
+from agent.bundles.signing import generate_key
+from agent.fleet.packing import sign_bundle, write_manifest, write_zip
+from agent.messages import unbatch
+from agent.transport.base import PublishRejected
+from agent.transport.greengrass import IpcLink
 
 RECIPE = json.loads((REPO / "deploy" / "greengrass" / "recipe.json").read_text())
 MODEL_COMPONENT = "com.example.EdgeAgent.MnistModel"

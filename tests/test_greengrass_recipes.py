@@ -6,16 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
-
-from agent.config import Settings, deep_merge, validate_settings
-from agent.topics import Topics
-from agent.transport.greengrass import configuration_layer
+import tomllib
 from conftest import REPO
+
+from agent.cloud.nucleus import configuration_layer
+from agent.settings import Settings, deep_merge, validate_settings
+from agent.topics import Topics
 
 GREENGRASS = REPO / "deploy" / "greengrass"
 AGENT = GREENGRASS / "recipe.json"
@@ -91,7 +91,7 @@ def test_default_configuration_holds_every_setting_under_its_own_name():
     configuration = load(AGENT)["ComponentConfiguration"]["DefaultConfiguration"]
     expected = build_script().default_configuration()
     assert {k: v for k, v in configuration.items() if k != "accessControl"} == expected, (
-        "recipe.json's DefaultConfiguration is out of date with agent.config; run: python deploy/greengrass/build.py recipe"
+        "recipe.json's DefaultConfiguration is out of date with agent.settings; run: python deploy/greengrass/build.py recipe"
     )
     settings = validate_settings(deep_merge(Settings().model_dump(), configuration_layer(configuration)), origin="DefaultConfiguration")
     assert settings.transport == "greengrass" and settings.source.spec == "camera:0"

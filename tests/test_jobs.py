@@ -8,14 +8,23 @@ import gc
 import time
 
 import pytest
-
-from agent.cloud.jobs import JobRunner
-from agent.config import MqttSettings
-from agent.transport.mqtt import MqttLink
-from agent.updates import Reason, Stage
 from broker import STOPPED_CLIENTS, mosquitto, pki  # noqa: F401 (fixtures)
 from iot_service import IotService
-from update_helpers import NEW, SERVING, artifacts, document, keys, later, make_bundle, serving  # noqa: F401 (fixtures)
+from update_helpers import (  # noqa: F401 (fixtures)
+    NEW,
+    SERVING,
+    artifacts,
+    document,
+    keys,
+    later,
+    make_bundle,
+    serving,
+)
+
+from agent.bundles.updates import Reason, Stage
+from agent.cloud.jobs import JobRunner
+from agent.settings import MqttSettings
+from agent.transport.mqtt import MqttLink
 
 THING = "jobs-thing"
 

@@ -14,9 +14,9 @@ from agent_process import get, metrics, running_agent, wait_for
 from conftest import SAMPLE_VIDEO
 
 from agent.app import build_pipeline
-from agent.config import Settings
-from agent.liveview import annotate
 from agent.messages import SequenceCounter
+from agent.observe.liveview import annotate
+from agent.settings import Settings
 from agent.transport.console import ConsoleTransport
 
 CHROMIUM = "/usr/bin/chromium"

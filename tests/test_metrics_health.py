@@ -12,18 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from agent_process import free_port, get, metrics, running_agent, wait_for
 from conftest import SAMPLE_VIDEO, run_cli
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app import build_pipeline
-from agent.config import Settings
 from agent.messages import SequenceCounter
-from agent.observability import Health, Metrics, WatchdogSettings
+from agent.observe.metrics import Health, Metrics
+from agent.observe.watchdog import RestartableSource, supervise
+from agent.settings import Settings, WatchdogSettings
 from agent.sources import open_source
 from agent.transport.console import ConsoleTransport
-from agent.watchdog import RestartableSource, supervise
 
 
 @pytest.fixture(scope="module")

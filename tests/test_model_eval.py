@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-
-from agent.bundle import open_bundle
-from agent.errors import ModelError
-from agent.evaluate import MNIST_SHA256, evaluate, load_mnist
-from agent.model import load_model
 from bundle_helpers import copy_bundle, repack, test_key  # noqa: F401 (fixture)
 from conftest import MNIST, REPO, SHIPPED_BUNDLE, run_cli
+
+from agent.bundles.bundle import open_bundle
+from agent.errors import ModelError
+from agent.inference.evaluate import MNIST_SHA256, evaluate, load_mnist
+from agent.inference.model import load_model
 
 DEV_KEY = REPO / "models" / "keys" / "dev-signing.pub"
 

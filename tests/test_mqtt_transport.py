@@ -16,15 +16,22 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
-from agent.config import Settings
-from agent.messages import Batch, InferenceResult, MetricsMessage, SequenceCounter, StatusMessage, unbatch
-from agent.schemas import schema_documents
-from agent.topics import Topics
-from agent.transport import mqtt
 from broker import Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
 from conftest import REPO, agent_env, assert_one_line_error, run_cli
 from iot_service import IotService
+
+from agent.messages import (
+    Batch,
+    InferenceResult,
+    MetricsMessage,
+    SequenceCounter,
+    StatusMessage,
+    unbatch,
+)
+from agent.schemas import schema_documents
+from agent.settings import Settings
+from agent.topics import Topics
+from agent.transport import mqtt
 
 pytestmark = pytest.mark.broker
 

@@ -11,13 +11,19 @@ import time
 
 import jsonschema
 import pytest
+from conftest import REPO
 
 from agent.errors import TransportError
-from agent.messages import Batch, MetricsMessage, SequenceCounter, batch_payload, unbatch
+from agent.messages import (
+    Batch,
+    MetricsMessage,
+    SequenceCounter,
+    batch_payload,
+    unbatch,
+)
 from agent.schemas import schema_documents
 from agent.transport.outbox import Outbox, Spooled, stored_size
 from agent.transport.spooled import MAX_PAYLOAD_BYTES, RateLimiter, publishes, refusal
-from conftest import REPO
 
 TOPIC = "edge/dev-1/inference"
 

@@ -7,16 +7,16 @@ import json
 
 import jsonschema
 import pytest
+from conftest import SAMPLE_VIDEO
 
 from agent.app import load_configured_model
-from agent.config import Settings
+from agent.inference.pipeline import ModelSlot, Pipeline
 from agent.messages import SequenceCounter
-from agent.pipeline import ModelSlot, Pipeline
 from agent.schemas import SCHEMA_DIR, render, schema_documents
+from agent.settings import Settings
 from agent.sources import VideoFileSource
 from agent.transport.base import TransportStats
 from agent.transport.console import ConsoleTransport
-from conftest import SAMPLE_VIDEO
 
 
 class Recorder(ConsoleTransport):
@@ -91,9 +91,9 @@ def test_swap_takes_effect_on_the_next_frame(settings, model, tmp_path):
     old version, every later one the new, none is lost or mixed."""
     import shutil
 
-    from agent.bundle import read_manifest
+    from agent.bundles.bundle import read_manifest
     from agent.fleet.packing import write_manifest
-    from agent.model import load_model
+    from agent.inference.model import load_model
 
     bundle = tmp_path / "v2"
     shutil.copytree(settings.model.bundle, bundle)

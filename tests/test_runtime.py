@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import MNIST, SHIPPED_BUNDLE
 
 from agent.errors import ModelError
-from agent.evaluate import load_mnist
-from agent.model import load_model
-from agent.runtime import Runtime, TensorSpec, available_backends
-from agent.vision.digits import normalise_digit
-from conftest import MNIST, SHIPPED_BUNDLE
+from agent.inference.evaluate import load_mnist
+from agent.inference.model import load_model
+from agent.inference.runtime import Runtime, TensorSpec, available_backends
+from agent.inference.tasks.digit_finder import normalise_digit
 
 BACKENDS = [
     pytest.param("litert", marks=pytest.mark.skipif("litert" not in available_backends(), reason="ai-edge-litert not installed here")),
@@ -30,7 +30,7 @@ def mnist_test():
 
 
 def shipped(backend: str):
-    from agent.config import DEV_SIGNING_KEY
+    from agent.settings import DEV_SIGNING_KEY
 
     return load_model(SHIPPED_BUNDLE, trusted_keys=[DEV_SIGNING_KEY], backend=backend)
 

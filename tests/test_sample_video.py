@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from test_digit_finder import iou
 
-from agent.config import DEV_SIGNING_KEY
-from agent.model import load_model
-from agent.vision.digits import DigitFinder
+from agent.inference.model import load_model
+from agent.inference.tasks.digit_finder import DigitFinder
+from agent.settings import DEV_SIGNING_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "models" / "mnist" / "sample"

@@ -8,21 +8,21 @@ import gc
 import json
 
 import pytest
+from agent_process import running_agent, wait_for
 from awscrt import mqtt_request_response
 from awsiot import V2ServiceException
 from awsiot.iotshadow import IotShadowClientV2, ShadowState, UpdateShadowRequest
-
-from agent import __version__
-from agent.cloud.jobs import rejection_code
-from agent.cloud.shadow import DeviceShadow
-from agent.config import DEV_SIGNING_KEY, MqttSettings
-from agent.transport.mqtt import MqttLink
-from agent.updates import Outcome, Reason, Status
-from agent_process import running_agent, wait_for
 from broker import STOPPED_CLIENTS, mosquitto, pki  # noqa: F401 (fixtures)
 from conftest import SAMPLE_VIDEO
 from iot_service import IotService, delta
 from update_helpers import NEW, SERVING, artifacts, document, keys, make_bundle, serving  # noqa: F401 (fixtures)
+
+from agent import __version__
+from agent.bundles.updates import Outcome, Reason, Status
+from agent.cloud.jobs import rejection_code
+from agent.cloud.shadow import DeviceShadow
+from agent.settings import DEV_SIGNING_KEY, MqttSettings
+from agent.transport.mqtt import MqttLink
 
 THING = "shadow-thing"
 

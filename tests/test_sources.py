@@ -8,11 +8,16 @@ import time
 import cv2
 import numpy as np
 import pytest
-
-from agent.config import SourceSettings
-from agent.errors import SourceError
-from agent.sources import ImageFilesSource, LiveSource, Pacer, VideoFileSource, open_source
 from conftest import SAMPLE_VIDEO
+
+from agent.errors import SourceError
+from agent.settings import SourceSettings
+from agent.sources import (
+    LiveSource,
+    Pacer,
+    VideoFileSource,
+    open_source,
+)
 
 
 def frame_count(path) -> int:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle import open_bundle
-from agent.config import DEV_SIGNING_KEY
+from agent.bundles.bundle import open_bundle
+from agent.bundles.store import ModelStore, StoredModel
 from agent.errors import ModelError
 from agent.fleet.packing import write_zip
-from agent.store import ModelStore, StoredModel
+from agent.settings import DEV_SIGNING_KEY
 
 
 def test_installs_side_by_side_and_activates_with_previous_kept(tmp_path, shipped_bundle):
@@ -115,7 +115,7 @@ def test_a_corrupt_bundle_zip_is_not_installed(tmp_path):
 FLIPPER = textwrap.dedent(
     """
     import sys
-    from agent.store import ModelStore
+    from agent.bundles.store import ModelStore
     store = ModelStore(sys.argv[1])
     print("ready", flush=True)
     while True:

@@ -15,19 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from agent.app import load_configured_model
-from agent.config import DEV_SIGNING_KEY, Settings
-from agent.fetch import DownloadSettings
-from agent.fleet.packing import sign_bundle, write_manifest, write_zip
-from agent.messages import SequenceCounter
-from agent.pipeline import ModelSlot, Pipeline
-from agent.signing import generate_key
-from agent.sources import VideoFileSource
-from agent.transport.console import ConsoleTransport
-from agent.updates import UpdateManager, UpdateSettings
 from artifact_server import serve
 from conftest import SAMPLE_VIDEO, SHIPPED_BUNDLE
+
+from agent.app import load_configured_model
+from agent.bundles.signing import generate_key
+from agent.bundles.updates import UpdateManager
+from agent.fleet.packing import sign_bundle, write_manifest, write_zip
+from agent.inference.pipeline import ModelSlot, Pipeline
+from agent.messages import SequenceCounter
+from agent.settings import DEV_SIGNING_KEY, DownloadSettings, Settings, UpdateSettings
+from agent.sources import VideoFileSource
+from agent.transport.console import ConsoleTransport
 
 DATA = Path(__file__).resolve().parent / "data"
 SERVING = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())["version"]

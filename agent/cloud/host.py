@@ -1,52 +1,29 @@
-"""Standalone on IoT Core: model updates through IoT Jobs and settings through the Device Shadow.
-
-The agent.app Host for the mqtt transport. Everything rides on the transport's own MQTT5 connection;
-nothing starts until the pipeline is built, and the store's model is put in service before the first frame.
-"""
+"""What the agent runs under: the base every host (IoT Core Jobs + Shadow, the Greengrass nucleus) extends."""
 
 from __future__ import annotations
 
-from agent.app import Host
-from agent.cloud.jobs import JobRunner
-from agent.cloud.shadow import DeviceShadow
-from agent.config import Settings
-from agent.pipeline import Pipeline
-from agent.updates import UpdateManager
+from typing import TYPE_CHECKING
+
+from agent.errors import AgentError
+from agent.settings import Settings
+
+if TYPE_CHECKING:
+    from agent.inference.pipeline import Pipeline
 
 
-class IotCoreHost(Host):
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.jobs: JobRunner | None = None
-        self.shadow: DeviceShadow | None = None
+class Host:
+    """What the agent runs under. On its own: nothing, so every method does nothing. Under Greengrass:
+    the nucleus, which configures the agent, changes that configuration live, and wants to hear whether
+    the agent serves or failed (agent.cloud.nucleus.NucleusHost)."""
+
+    def configure(self, settings: Settings) -> Settings:
+        """The settings to run with, given the ones from defaults, file, environment and flags."""
+        return settings
 
     def serving(self, pipeline: Pipeline) -> None:
-        settings = self.settings
-        manager = UpdateManager(
-            settings.updates,
-            pipeline.slot,
-            pipeline.observers,
-            trusted_keys=settings.model.trusted_keys,
-            backend=settings.model.backend,
-            num_threads=settings.model.num_threads,
-            listeners=pipeline.update_listeners,
-        )
-        announce = lambda *_: pipeline.transport.publish(pipeline.status("online"))  # noqa: E731 -- the retained status names the model in use
-        if manager.restore() is not None:
-            announce()
-        client = pipeline.transport.link.client
-        self.shadow = DeviceShadow(client, settings.thing_name, pipeline)
-        self.jobs = JobRunner(client, settings.thing_name, manager)
-        self.jobs.listeners += [self.shadow.on_outcome, announce]
-        self.shadow.start()
-        self.jobs.start()
+        """The pipeline is built and the transport started; it serves from now on."""
 
-    def close(self) -> None:
-        for part in (self.jobs, self.shadow):
-            if part is not None:
-                part.close()
+    def failed(self, error: AgentError) -> None:
+        """The agent is stopping on a fault it cannot get past."""
 
-
-def host_from_settings(settings: Settings) -> IotCoreHost:
-    """Registry factory (see agent.app.HOSTS)."""
-    return IotCoreHost(settings)
+    def close(self) -> None: ...

@@ -30,7 +30,15 @@ from awsiot.iotjobs import (
     UpdateJobExecutionRequest,
 )
 
-from agent.updates import Outcome, Reason, Stage, Status, UpdateFailed, UpdateManager, parse_update
+from agent.bundles.updates import (
+    Outcome,
+    Reason,
+    Stage,
+    Status,
+    UpdateFailed,
+    UpdateManager,
+    parse_update,
+)
 
 log = logging.getLogger(__name__)
 

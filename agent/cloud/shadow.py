@@ -18,13 +18,19 @@ from typing import Any
 
 from awscrt import mqtt5, mqtt_request_response
 from awsiot import ServiceStreamOptions, V2ServiceException
-from awsiot.iotshadow import GetShadowRequest, IotShadowClientV2, ShadowDeltaUpdatedSubscriptionRequest, ShadowState, UpdateShadowRequest
+from awsiot.iotshadow import (
+    GetShadowRequest,
+    IotShadowClientV2,
+    ShadowDeltaUpdatedSubscriptionRequest,
+    ShadowState,
+    UpdateShadowRequest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
+from agent.bundles.updates import Outcome
 from agent.cloud.jobs import rejection_code
-from agent.pipeline import Pipeline
-from agent.updates import Outcome
+from agent.inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.bundles.signing import DEFAULT_PRIVATE_KEY
 from agent.cli import Parser
 from agent.errors import AgentError
-from agent.fleet.cloud_commands import add_fleet_commands, add_job_commands, add_provision_command, add_release_commands
-from agent.signing import DEFAULT_PRIVATE_KEY
+from agent.fleet.cloud_commands import (
+    add_fleet_commands,
+    add_job_commands,
+    add_provision_command,
+    add_release_commands,
+)
 
 
 def cmd_model_keygen(args: argparse.Namespace) -> int:
-    from agent.signing import generate_key
+    from agent.bundles.signing import generate_key
 
     public = args.public or args.key.with_suffix(".pub")
     key_id = generate_key(args.key, public)

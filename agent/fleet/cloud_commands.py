@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.bundles.signing import DEFAULT_PRIVATE_KEY
 from agent.cli import Parser
 from agent.errors import ConfigError
-from agent.signing import DEFAULT_PRIVATE_KEY
 
 Subcommands = argparse._SubParsersAction
 
@@ -97,7 +97,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_model_publish(args: argparse.Namespace) -> int:
     from agent.fleet.publish import prepare, upload
-    from agent.fleet.rollout import artifact_file_name, check_engine, load_recipe, roll_out, target_arn
+    from agent.fleet.rollout import (
+        artifact_file_name,
+        check_engine,
+        load_recipe,
+        roll_out,
+        target_arn,
+    )
 
     aws = make_aws(args)
     rollout = rollout_from(args)

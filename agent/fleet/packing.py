@@ -1,7 +1,7 @@
 """Making bundles: hash the files into the manifest, sign it, zip it (reproducibly).
 
 Shared by the training program and `edge-fleet model pack|sign`, so a bundle is built one way only.
-The checks a device makes live in agent/bundle.py; this module writes what that one reads.
+The checks a device makes live in agent/bundles/bundle.py; this module writes what that one reads.
 """
 
 from __future__ import annotations
@@ -13,9 +13,18 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import MANIFEST, SIGNATURE, ManifestBase, canonical_bytes, extract_zip, parse_manifest, read_manifest, sha256_file
+from agent.bundles.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    ManifestBase,
+    canonical_bytes,
+    extract_zip,
+    parse_manifest,
+    read_manifest,
+    sha256_file,
+)
+from agent.bundles.signing import key_id, load_private_key, sign
 from agent.errors import ModelError
-from agent.signing import key_id, load_private_key, sign
 
 # The operator's own bundles: only a sanity bound (devices apply model.max_bundle_mb).
 OPERATOR_MAX_BYTES = 1 << 30

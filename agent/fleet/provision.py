@@ -1,6 +1,6 @@
 """`edge-fleet provision`: a thing, its certificate and policy in IoT Core, and the folder a device needs.
 
-The folder holds the device's settings file (validated by agent.config.Settings before anything is
+The folder holds the device's settings file (validated by agent.settings.Settings before anything is
 written), its certificate, private key (0600, never overwritten) and the Amazon root CA, in a 0700
 directory. The IoT policy is the project's least-privilege one (deploy/iot/policy.json), created once per
 account and shared by every device through its `${iot:Connection.Thing.ThingName}` variables.
@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from agent.config import AMAZON_ROOT_CA, REPO_ROOT, validate_settings
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
+from agent.settings import AMAZON_ROOT_CA, REPO_ROOT, validate_settings
 
 DEFAULT_POLICY_FILE = REPO_ROOT / "deploy" / "iot" / "policy.json"
 DEFAULT_POLICY_NAME = "edge-agent"

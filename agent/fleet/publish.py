@@ -18,12 +18,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.bundle import open_bundle, sha256_file
+from agent.bundles.bundle import open_bundle, sha256_file
+from agent.bundles.signing import Signature, load_private_key, sign
+from agent.bundles.updates import ModelUpdate, document_signed_bytes
 from agent.errors import ModelError
 from agent.fleet.aws import Aws
 from agent.fleet.packing import OPERATOR_MAX_BYTES, sign_bundle, write_zip
-from agent.signing import Signature, load_private_key, sign
-from agent.updates import ModelUpdate, document_signed_bytes
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.config import REPO_ROOT
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
+from agent.settings import REPO_ROOT
 
 if TYPE_CHECKING:  # publish pulls in the device-side update code; `--help` should not
     from agent.fleet.publish import Release

@@ -18,9 +18,9 @@ from typing import Callable
 from awscrt import exceptions, mqtt5
 from awsiot import mqtt5_client_builder
 
-from agent.config import MqttSettings, Settings
 from agent.errors import TransportError
 from agent.messages import StatusMessage, new_message_id, utc_now
+from agent.settings import MqttSettings, Settings
 from agent.topics import Topics
 from agent.transport.base import PublishRejected
 from agent.transport.outbox import open_outbox

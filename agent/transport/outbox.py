@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-from agent.config import OutboxSettings
 from agent.errors import TransportError
+from agent.settings import OutboxSettings
 
 ROW_OVERHEAD = 48  # bytes SQLite spends per row besides the payload and topic (rowid, header, cell pointer)
 MAX_SQL_VARIABLES = 32766  # SQLite's limit on ? per statement

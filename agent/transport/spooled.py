@@ -29,9 +29,9 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
-from agent.config import OutboxSettings
 from agent.errors import ConfigError, TransportError
 from agent.messages import BATCH_OVERHEAD, Envelope, StatusMessage, batch_payload
+from agent.settings import OutboxSettings
 from agent.topics import Topics, check_topic
 from agent.transport.base import Link, PublishRejected, Transport, TransportStats
 from agent.transport.outbox import Outbox, Spooled

@@ -3,7 +3,7 @@
     python deploy/greengrass/build.py            # both components -> deploy/greengrass/greengrass-build/
     python deploy/greengrass/build.py agent      # what `gdk component build` runs (custom build)
     python deploy/greengrass/build.py model
-    python deploy/greengrass/build.py recipe     # rewrite recipe.json's DefaultConfiguration from agent.config
+    python deploy/greengrass/build.py recipe     # rewrite recipe.json's DefaultConfiguration from agent.settings
 
 Output follows GDK's layout: greengrass-build/artifacts/<component>/<version>/ and greengrass-build/recipes/.
 Reproducible: everything comes from the last commit (git archive HEAD, so commit first), the wheel is
@@ -36,8 +36,8 @@ DEVICE_DEFAULTS = {"thing_name": None, "transport": "greengrass", "source": {"sp
 
 
 def default_configuration() -> dict:
-    """Every setting, with agent.config's names and defaults; paths of this machine become null."""
-    from agent.config import Settings, deep_merge
+    """Every setting, with agent.settings's names and defaults; paths of this machine become null."""
+    from agent.settings import Settings, deep_merge
 
     def portable(value):
         if isinstance(value, dict):

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import GOLDEN_FILE, LABELS_FILE, MANIFEST, MODEL_FILE, SIGNATURE
+from agent.bundles.bundle import GOLDEN_FILE, LABELS_FILE, MANIFEST, MODEL_FILE, SIGNATURE
 from agent.errors import AgentError
-from agent.evaluate import MNIST_PATH, accuracy, invoke_latency_us, load_mnist
+from agent.inference.evaluate import MNIST_PATH, accuracy, invoke_latency_us, load_mnist
 from agent.fleet.packing import sign_bundle, write_manifest
-from agent.runtime import Runtime
-from agent.signing import DEFAULT_PRIVATE_KEY
+from agent.inference.runtime import Runtime
+from agent.bundles.signing import DEFAULT_PRIVATE_KEY
 from models.mnist.augment import augment_epoch
 
 PROGRAM_DIR = Path(__file__).resolve().parent

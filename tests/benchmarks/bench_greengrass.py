@@ -35,8 +35,8 @@ from ipc_server import IpcServer, merge_configuration  # noqa: E402
 
 from agent.app import build_pipeline  # noqa: E402
 from agent.bench import bench_paced, measure_process  # noqa: E402
-from agent.config import Settings  # noqa: E402
 from agent.messages import SequenceCounter, unbatch  # noqa: E402
+from agent.settings import Settings  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 from agent.transport.console import ConsoleTransport  # noqa: E402
 

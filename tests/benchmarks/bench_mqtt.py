@@ -28,8 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the b
 
 from broker import Mosquitto, Pki  # noqa: E402
 
-from agent.config import Settings  # noqa: E402
-from agent.messages import Box, InferenceResult, ModelRef, Prediction, SequenceCounter, StageLatency, StatusMessage, unbatch  # noqa: E402
+from agent.messages import (  # noqa: E402
+    Box,
+    InferenceResult,
+    ModelRef,
+    Prediction,
+    SequenceCounter,
+    StageLatency,
+    StatusMessage,
+    unbatch,
+)
+from agent.settings import Settings  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 from agent.transport import mqtt  # noqa: E402
 from agent.transport.outbox import open_outbox  # noqa: E402

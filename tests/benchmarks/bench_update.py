@@ -33,9 +33,9 @@ from broker import Mosquitto, Pki  # noqa: E402
 from iot_service import IotService  # noqa: E402
 from update_helpers import Serving, document, later, make_bundle  # noqa: E402
 
+from agent.bundles.signing import generate_key  # noqa: E402
 from agent.cloud.jobs import JobRunner  # noqa: E402
-from agent.config import MqttSettings  # noqa: E402
-from agent.signing import generate_key  # noqa: E402
+from agent.settings import MqttSettings  # noqa: E402
 from agent.transport.mqtt import MqttLink  # noqa: E402
 
 THING = "bench-thing"

@@ -22,10 +22,10 @@ import urllib.request
 import numpy as np
 
 from agent.app import build_pipeline
-from agent.config import Settings
-from agent.liveview import LiveView, LiveViewServer, LiveViewSettings
 from agent.messages import SequenceCounter
-from agent.observability import Health, Metrics
+from agent.observe.liveview import LiveView, LiveViewServer
+from agent.observe.metrics import Health, Metrics
+from agent.settings import LiveViewSettings, Settings
 from agent.transport.console import ConsoleTransport
 
 

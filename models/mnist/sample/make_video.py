@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.evaluate import load_mnist
+from agent.inference.evaluate import load_mnist
 
 HERE = Path(__file__).resolve().parent
 WIDTH, HEIGHT, FPS = 640, 480, 15

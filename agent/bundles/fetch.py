@@ -15,31 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from agent.errors import TransportError
+from agent.settings import DownloadSettings
 
 CHUNK = 64 * 1024
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 Progress = Callable[[float], None]  # fraction done, 0..1
-
-
-class DownloadSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_mb: float = Field(16.0, gt=0, description="largest artifact accepted; bigger downloads stop at the limit")
-    connect_timeout_s: float = Field(10.0, gt=0, description="longest wait for the artifact server to accept the connection")
-    read_timeout_s: float = Field(30.0, gt=0, description="longest silence from the server before the attempt is retried")
-    retries: int = Field(4, ge=0, le=20, description="attempts after the first; each resumes where the last stopped")
-    backoff_initial_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles each time")
-    backoff_max_s: float = Field(30.0, ge=0, description="longest wait between retries")
-    allow_http: bool = Field(False, description="accept plain http:// artifact URLs (development only)")
-    ca_file: Path | None = Field(None, description="CA bundle for artifact servers (default: the system's trusted CAs)")
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_mb * 1024 * 1024)
 
 
 class DownloadError(TransportError):

@@ -10,7 +10,11 @@ from typing import Callable, Protocol
 import numpy as np
 
 from agent.errors import ModelError
-from agent.vision.digits import MNIST_SIZE, DigitFinder, DigitFinderSettings
+from agent.inference.tasks.digit_finder import (
+    MNIST_SIZE,
+    DigitFinder,
+    DigitFinderSettings,
+)
 
 
 class Found(Protocol):

@@ -25,9 +25,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from agent.bundles.signing import verify
 from agent.errors import ModelError
-from agent.signing import verify
-from agent.vision.registry import PREPROCESSORS
+from agent.inference.tasks.registry import PREPROCESSORS
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -63,7 +63,7 @@ class OutputSpec(Strict):
 class InputSpec(OutputSpec):
     layout: Literal["NHWC"] = "NHWC"
     colour: Literal["gray", "rgb"]
-    # How a frame becomes this tensor: an id of agent/vision/registry.py's PREPROCESSORS.
+    # How a frame becomes this tensor: an id of agent/inference/tasks/registry.py's PREPROCESSORS.
     preprocessing: str
 
 

@@ -28,34 +28,30 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.bundle import MANIFEST, SEMVER, SHA256, SIGNATURE, canonical_bytes, open_bundle, read_manifest, sha256_file
+from agent.bundles.bundle import (
+    MANIFEST,
+    SEMVER,
+    SHA256,
+    SIGNATURE,
+    canonical_bytes,
+    open_bundle,
+    read_manifest,
+    sha256_file,
+)
+from agent.bundles.fetch import DownloadError, Progress, fetch
+from agent.bundles.signing import Signature, key_id, load_public_key, verify
+from agent.bundles.store import ModelStore, check_name_version
 from agent.errors import AgentError, ModelError
-from agent.fetch import DownloadError, DownloadSettings, Progress, fetch
-from agent.model import LoadedModel, load_model
-from agent.runtime import BackendName, Runtime
-from agent.signing import Signature, key_id, load_public_key, verify
-from agent.store import ModelStore, check_name_version
+from agent.inference.model import LoadedModel, load_model
+from agent.inference.runtime import BackendName, Runtime
+from agent.settings import UpdateSettings
 
-if TYPE_CHECKING:  # the pipeline imports the settings tree, which holds UpdateSettings
-    from agent.pipeline import ActiveModel, ModelSlot
+if TYPE_CHECKING:
+    from agent.inference.pipeline import ActiveModel, ModelSlot
 
 OPERATION = "model-update"
 MAX_MANIFEST_BYTES = 1 << 20
 log = logging.getLogger(__name__)
-
-
-class UpdateSettings(BaseModel):
-    """`updates` branch of the settings: where models are kept and how much an update is trusted."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    store: Path = Field(Path("var/models"), description="versioned model store (one directory per name/version)")
-    keep: int = Field(3, ge=2, le=100, description="installed versions kept; the active and previous are never pruned")
-    allow_unsigned: bool = Field(False, description="accept bundles without a signature (development only)")
-    allow_downgrade: bool = Field(False, description="accept an older version even when the job document does not say so")
-    health_frames: int = Field(30, ge=1, description="frames the new model must serve cleanly before it is kept")
-    health_timeout_s: float = Field(30.0, gt=0, description="longest wait for those frames (a stalled source ends the window early)")
-    download: DownloadSettings = DownloadSettings()
 
 
 class Reason(StrEnum):

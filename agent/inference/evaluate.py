@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel
 
-from agent.bundle import MAX_BUNDLE_BYTES
+from agent.bundles.bundle import MAX_BUNDLE_BYTES
 from agent.errors import ModelError
-from agent.runtime import Runtime
+from agent.inference.runtime import Runtime
 
 if TYPE_CHECKING:
-    from agent.model import LoadedModel
+    from agent.inference.model import LoadedModel
 
 MNIST_PATH = Path(__file__).resolve().parent.parent / "models" / "mnist" / "data" / "mnist.npz"
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -78,7 +78,7 @@ class Evaluation(BaseModel):
 
 
 def evaluate(model: LoadedModel, mnist_path: Path = MNIST_PATH, repeats: int = 3000) -> Evaluation:
-    """Evaluate a LoadedModel (agent.model) on the MNIST test set, its golden set, and for latency."""
+    """Evaluate a LoadedModel (agent.inference.model) on the MNIST test set, its golden set, and for latency."""
     mnist = load_mnist(mnist_path)
     manifest = model.manifest
     p50, p99 = invoke_latency_us(model.runtime, mnist["x_test"][0], repeats=repeats)
@@ -109,7 +109,9 @@ def evaluate_bundle(
     mnist_path: Path = MNIST_PATH,
 ) -> dict:
     """`edge-agent model eval`: load a bundle the way the agent does, then evaluate it (JSON-ready dict)."""
-    from agent.model import load_model  # agent.model uses `accuracy` from here, so import on use
+    from agent.inference.model import (
+        load_model,  # agent.inference.model uses `accuracy` from here, so import on use
+    )
 
     model = load_model(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature, backend=backend, num_threads=num_threads, max_bytes=max_bytes)
     return evaluate(model, mnist_path).model_dump()

@@ -9,19 +9,15 @@ branch it needs.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import EnvSettingsSource
 
 from agent.errors import ConfigError
-from agent.liveview import LiveViewSettings
-from agent.observability import WatchdogSettings
-from agent.updates import UpdateSettings
-from agent.vision.digits import DigitFinderSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = REPO_ROOT / "models" / "mnist" / "bundle"
@@ -90,6 +86,88 @@ class OutboxSettings(Section):
     batch_max: int = Field(10, ge=1, le=100, description="most waiting messages of one topic sent as one batch message (1: each alone); fewer publishes drain a backlog faster within IoT Core's quota and cost less")
     retry_initial_s: float = Field(0.5, gt=0, description="first wait before resending after a failed publish (doubles up to retry_max_s)")
     retry_max_s: float = Field(30.0, gt=0, description="longest wait before resending after failed publishes")
+
+
+class DigitFinderSettings(Section):
+    """How the finder looks for digits. Heights are fractions of the frame height, so one setting serves
+    any camera resolution."""
+
+    polarity: Literal["auto", "dark", "light"] = Field(
+        "auto", description="dark: dark ink on light paper; light: chalk on a dark board; auto: either, per digit"
+    )
+    min_height: float = Field(0.05, gt=0, lt=1, description="smallest digit, as a fraction of the frame height")
+    max_height: float = Field(0.35, gt=0, le=1, description="largest digit, as a fraction of the frame height")
+    min_contrast: float = Field(
+        0.25, gt=0, lt=1, description="ink must differ from the local paper by this fraction of it"
+    )
+    max_aspect: float = Field(
+        2.2, gt=0, description="widest digit, width / height (MNIST's widest are 2.0); wider marks are lines"
+    )
+    max_fill: float = Field(0.8, gt=0, le=1, description="solid blobs filling more of their box are not digits")
+    join_gap: float = Field(
+        0.12, ge=0, lt=1, description="pieces closer than this fraction of their height are one digit"
+    )
+    work_width: int = Field(320, ge=64, description="frames wider than this are downscaled for finding")
+    max_digits: int = Field(16, ge=1, description="keep at most this many digits (the inkiest) per frame")
+
+    @model_validator(mode="after")
+    def _heights_ordered(self) -> DigitFinderSettings:
+        if self.min_height >= self.max_height:
+            raise ValueError(f"min_height ({self.min_height}) must be below max_height ({self.max_height})")
+        return self
+
+
+class LiveViewSettings(Section):
+    """The live view server."""
+
+    enabled: bool = Field(False, description="serve the live view, /metrics and /healthz over HTTP")
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 exposes the unauthenticated view to the network")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
+    max_fps: float = Field(10.0, gt=0, le=60, description="most frames a second sent to a viewer")
+    jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the stream")
+
+
+
+class WatchdogSettings(Section):
+    """When the agent counts as unhealthy, and when a stuck stage is restarted."""
+
+    enabled: bool = Field(True, description="restart a source or inference stage that is stuck, and report health changes on the status topic")
+    stale_after_s: float = Field(10.0, gt=0, description="unhealthy (/healthz 503) when no frame arrived for this long")
+    source_stall_s: float = Field(60.0, gt=0, description="restart the source when it delivers no frame for this long")
+    inference_stall_s: float = Field(30.0, gt=0, description="restart inference when one frame takes this long")
+    max_restarts: int = Field(3, ge=1, description="report ERRORED after this many restarts in a row that did not bring frames back")
+    check_interval_s: float = Field(1.0, gt=0, description="how often the watchdog looks")
+
+
+
+class DownloadSettings(Section):
+
+    max_mb: float = Field(16.0, gt=0, description="largest artifact accepted; bigger downloads stop at the limit")
+    connect_timeout_s: float = Field(10.0, gt=0, description="longest wait for the artifact server to accept the connection")
+    read_timeout_s: float = Field(30.0, gt=0, description="longest silence from the server before the attempt is retried")
+    retries: int = Field(4, ge=0, le=20, description="attempts after the first; each resumes where the last stopped")
+    backoff_initial_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles each time")
+    backoff_max_s: float = Field(30.0, ge=0, description="longest wait between retries")
+    allow_http: bool = Field(False, description="accept plain http:// artifact URLs (development only)")
+    ca_file: Path | None = Field(None, description="CA bundle for artifact servers (default: the system's trusted CAs)")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+
+
+class UpdateSettings(Section):
+    """`updates` branch of the settings: where models are kept and how much an update is trusted."""
+
+    store: Path = Field(Path("var/models"), description="versioned model store (one directory per name/version)")
+    keep: int = Field(3, ge=2, le=100, description="installed versions kept; the active and previous are never pruned")
+    allow_unsigned: bool = Field(False, description="accept bundles without a signature (development only)")
+    allow_downgrade: bool = Field(False, description="accept an older version even when the job document does not say so")
+    health_frames: int = Field(30, ge=1, description="frames the new model must serve cleanly before it is kept")
+    health_timeout_s: float = Field(30.0, gt=0, description="longest wait for those frames (a stalled source ends the window early)")
+    download: DownloadSettings = DownloadSettings()
+
 
 
 class Settings(Section):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import MAX_BUNDLE_BYTES, Bundle, OutputSpec, open_bundle
+from agent.bundles.bundle import MAX_BUNDLE_BYTES, Bundle, OutputSpec, open_bundle
 from agent.errors import ModelError
-from agent.evaluate import accuracy
-from agent.runtime import BackendName, Runtime, TensorSpec
+from agent.inference.evaluate import accuracy
+from agent.inference.runtime import BackendName, Runtime, TensorSpec
 
 
 def _check_spec(name: str, claimed: OutputSpec, real: TensorSpec, where: str) -> None:

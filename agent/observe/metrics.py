@@ -13,36 +13,24 @@ import time
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from agent.inference.pipeline import Pipeline
     from agent.messages import InferenceResult
-    from agent.pipeline import Pipeline
     from agent.sources import Frame
 
-# How a model update attempt ended: the AWS IoT Jobs status it reported (agent.updates.Status), lowercased.
+# How a model update attempt ended: the AWS IoT Jobs status it reported (agent.bundles.updates.Status), lowercased.
 UPDATE_OUTCOMES = ("succeeded", "failed", "rejected")
 STAGES = ("find", "classify", "total")
 # Seconds: from a fast classify (0.1 ms) to a badly overloaded frame (2 s).
 LATENCY_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-
-
-class WatchdogSettings(BaseModel):
-    """When the agent counts as unhealthy, and when a stuck stage is restarted.
-
-    (A pydantic model of its own, not agent.config.Section, because agent.config imports this module.)
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = Field(True, description="restart a source or inference stage that is stuck, and report health changes on the status topic")
-    stale_after_s: float = Field(10.0, gt=0, description="unhealthy (/healthz 503) when no frame arrived for this long")
-    source_stall_s: float = Field(60.0, gt=0, description="restart the source when it delivers no frame for this long")
-    inference_stall_s: float = Field(30.0, gt=0, description="restart inference when one frame takes this long")
-    max_restarts: int = Field(3, ge=1, description="report ERRORED after this many restarts in a row that did not bring frames back")
-    check_interval_s: float = Field(1.0, gt=0, description="how often the watchdog looks")
 
 
 class Health:

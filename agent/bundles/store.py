@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.bundle import MAX_BUNDLE_BYTES, SEMVER, extract_zip
+from agent.bundles.bundle import MAX_BUNDLE_BYTES, SEMVER, extract_zip
 from agent.errors import ModelError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the manifest's own name pattern

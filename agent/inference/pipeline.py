@@ -15,6 +15,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from agent import __version__
+from agent.inference.model import LoadedModel
+from agent.inference.tasks.registry import Preprocessor, preprocessor_for
 from agent.messages import (
     Box,
     InferenceResult,
@@ -25,10 +27,8 @@ from agent.messages import (
     StageLatency,
     StatusMessage,
 )
-from agent.model import LoadedModel
 from agent.sources import Frame, FrameSource
 from agent.transport.base import Transport
-from agent.vision.registry import Preprocessor, preprocessor_for
 
 LATENCY_WINDOW = 1000  # frames kept for p50/p99
 
@@ -113,7 +113,7 @@ class Pipeline:
         self.metrics_interval_s = metrics_interval_s
         self.stats = PipelineStats()
         self.observers: list[FrameObserver] = []
-        # Told every model update's outcome (agent.updates.Outcome); the pipeline only carries the list, so
+        # Told every model update's outcome (agent.bundles.updates.Outcome); the pipeline only carries the list, so
         # the update manager (built by the host) and the metrics (built around the run) can meet.
         self.update_listeners: list = []
         self._announced: tuple[str, str | None] = ("online", None)

@@ -25,14 +25,14 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import ConfigError
+from agent.settings import LiveViewSettings
 
 if TYPE_CHECKING:
+    from agent.inference.pipeline import Pipeline
     from agent.messages import InferenceResult, ModelRef
-    from agent.observability import Health, Metrics
-    from agent.pipeline import Pipeline
+    from agent.observe.metrics import Health, Metrics
     from agent.sources import Frame
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,6 @@ BOUNDARY = "frame"
 BOX_COLOUR = (0, 255, 0)  # BGR green: stands out on paper and on a board
 TEXT_COLOUR = (255, 255, 255)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
-
-
-class LiveViewSettings(BaseModel):
-    """The live view server. (A pydantic model of its own, not agent.config.Section, because agent.config imports it.)"""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = Field(False, description="serve the live view, /metrics and /healthz over HTTP")
-    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 exposes the unauthenticated view to the network")
-    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
-    max_fps: float = Field(10.0, gt=0, le=60, description="most frames a second sent to a viewer")
-    jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the stream")
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.errors import SourceError
+from agent.settings import DigitFinderSettings
 
 MNIST_SIZE = 28
 MNIST_BOX = 20
@@ -37,37 +36,6 @@ MNIST_BOX = 20
 # on a board), but never of less than this many grey levels: in the dark, a fraction of nothing is noise.
 DIMMEST_PAPER = 96
 MNIST_CENTRE = 14.0  # where MNIST's centres of mass sit, in pixel-index coordinates (measured: 14.0 +- 0.3)
-
-
-class DigitFinderSettings(BaseModel):
-    """How the finder looks for digits. Heights are fractions of the frame height, so one setting serves
-    any camera resolution."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    polarity: Literal["auto", "dark", "light"] = Field(
-        "auto", description="dark: dark ink on light paper; light: chalk on a dark board; auto: either, per digit"
-    )
-    min_height: float = Field(0.05, gt=0, lt=1, description="smallest digit, as a fraction of the frame height")
-    max_height: float = Field(0.35, gt=0, le=1, description="largest digit, as a fraction of the frame height")
-    min_contrast: float = Field(
-        0.25, gt=0, lt=1, description="ink must differ from the local paper by this fraction of it"
-    )
-    max_aspect: float = Field(
-        2.2, gt=0, description="widest digit, width / height (MNIST's widest are 2.0); wider marks are lines"
-    )
-    max_fill: float = Field(0.8, gt=0, le=1, description="solid blobs filling more of their box are not digits")
-    join_gap: float = Field(
-        0.12, ge=0, lt=1, description="pieces closer than this fraction of their height are one digit"
-    )
-    work_width: int = Field(320, ge=64, description="frames wider than this are downscaled for finding")
-    max_digits: int = Field(16, ge=1, description="keep at most this many digits (the inkiest) per frame")
-
-    @model_validator(mode="after")
-    def _heights_ordered(self) -> DigitFinderSettings:
-        if self.min_height >= self.max_height:
-            raise ValueError(f"min_height ({self.min_height}) must be below max_height ({self.max_height})")
-        return self
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ import time
 from typing import Callable
 
 from agent.errors import AgentError, SourceError
-from agent.model import LoadedModel
-from agent.observability import Health, Metrics, WatchdogSettings
-from agent.pipeline import ModelSlot, Pipeline
-from agent.runtime import Runtime
+from agent.inference.model import LoadedModel
+from agent.inference.pipeline import ModelSlot, Pipeline
+from agent.inference.runtime import Runtime
+from agent.observe.metrics import Health, Metrics
+from agent.settings import WatchdogSettings
 from agent.sources import Frame, FrameSource, LiveSource
 
 log = logging.getLogger(__name__)

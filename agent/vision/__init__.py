@@ -1,1 +1,0 @@
-"""Per-task vision steps around the model: turning camera frames into model inputs, and back."""
