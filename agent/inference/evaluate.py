@@ -22,7 +22,7 @@ from agent.inference.runtime import Runtime
 if TYPE_CHECKING:
     from agent.inference.model import LoadedModel
 
-MNIST_PATH = Path(__file__).resolve().parent.parent / "models" / "mnist" / "data" / "mnist.npz"
+MNIST_PATH = Path(__file__).resolve().parents[2] / "models" / "mnist" / "data" / "mnist.npz"
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
 
 
