@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import signal
 from contextlib import contextmanager
@@ -12,13 +13,14 @@ import cv2
 from agent.cloud.host import Host
 from agent.errors import AgentError
 from agent.inference.model import LoadedModel, load_model
-from agent.inference.pipeline import ModelSlot, Pipeline, PipelineStats
+from agent.inference.pipeline import Pipeline, PipelineStats, Tuning
+from agent.inference.slot import ModelSlot
 from agent.messages import SequenceCounter
 from agent.observe.liveview import LiveViewServer
 from agent.observe.metrics import Health, Metrics
 from agent.observe.watchdog import supervise
 from agent.settings import Settings
-from agent.sources import FrameSource, open_source
+from agent.sources import FrameSource
 from agent.topics import Topics
 from agent.transport.base import Transport
 
@@ -50,15 +52,12 @@ def build_transport(settings: Settings) -> Transport:
 
 def load_configured_model(settings: Settings) -> LoadedModel:
     """The model the settings name, verified and checked, or a ModelError."""
-    model = settings.model
-    return load_model(
-        model.bundle,
-        trusted_keys=model.trusted_keys,
-        require_signature=model.require_signature,
-        backend=model.backend,
-        num_threads=model.num_threads,
-        max_bytes=int(model.max_bundle_mb * 1024 * 1024),
-    )
+    return load_model(settings.model.bundle, settings.model, settings.tasks)
+
+
+def tuning(settings: Settings) -> Tuning:
+    """The part of the settings a running pipeline can be told to change between frames."""
+    return Tuning(score_threshold=settings.model.score_threshold, publish_empty=settings.publish_empty, metrics_interval_s=settings.metrics_interval_s)
 
 
 def build_pipeline(
@@ -73,16 +72,11 @@ def build_pipeline(
     `source` and `publish_empty` override the settings for `infer` and `bench`, which bring their own frames.
     """
     cv2.setNumThreads(-1 if settings.opencv_threads is None else settings.opencv_threads)
-    slot = ModelSlot(load_configured_model(settings), settings.vision)
-    return Pipeline(
-        source or open_source(settings.source),
-        slot,
-        transport,
-        sequence,
-        score_threshold=settings.model.score_threshold,
-        publish_empty=settings.publish_empty if publish_empty is None else publish_empty,
-        metrics_interval_s=settings.metrics_interval_s,
-    )
+    slot = ModelSlot(load_configured_model(settings))
+    wanted = tuning(settings)
+    if publish_empty is not None:
+        wanted = dataclasses.replace(wanted, publish_empty=publish_empty)
+    return Pipeline(settings.source, slot, transport, sequence, wanted, source=source)
 
 
 @contextmanager
@@ -102,16 +96,17 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
     """Health, the watchdog and, if enabled, the live view server (/metrics, /healthz) around a running pipeline."""
     health = Health(pipeline, settings.watchdog.stale_after_s)
     metrics = Metrics(pipeline, settings.transport, health)
-    pipeline.update_listeners.append(lambda outcome: metrics.count_update(outcome.status.value, outcome.reason))
+    pipeline.add_update_listener(lambda outcome: metrics.count_update(outcome.status.value, outcome.reason))
     server = LiveViewServer(pipeline, settings.liveview, metrics, health).start() if settings.liveview.enabled else None
     if server is not None:
-        pipeline.observers += [metrics, server.view]
+        pipeline.add_observer(metrics)
+        pipeline.add_observer(server.view)
     watchdog = None
     if settings.watchdog.enabled:
         def announce(ok: bool, reason: str) -> None:  # health changes, on the retained status topic
             pipeline.transport.publish(pipeline.status("online" if ok else "degraded", None if ok else reason))
 
-        watchdog = supervise(pipeline, settings.watchdog, health, metrics, lambda: open_source(settings.source), on_health=announce)
+        watchdog = supervise(pipeline, settings.watchdog, health, metrics, on_health=announce)
     try:
         yield health
     finally:

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from agent.app import build_pipeline, load_configured_model
+from agent.errors import SourceError
 from agent.inference.evaluate import invoke_latency_us
 from agent.messages import SequenceCounter
 from agent.settings import Settings
-from agent.sources import open_source
+from agent.sources import ImageFilesSource, open_source
 from agent.transport.console import ConsoleTransport
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -33,20 +34,30 @@ def _percentiles(samples: list[float], scale: float) -> dict[str, float]:
 
 
 def bench_invoke(settings: Settings) -> dict:
-    """One invoke of a golden-set image through the configured backend and threads."""
+    """One invoke of the first frame's first input through the configured backend."""
     model = load_configured_model(settings)
-    p50, p99 = invoke_latency_us(model.runtime, model.bundle.golden_x[0], repeats=5000)
-    return {"backend": model.runtime.backend, "threads": settings.model.num_threads, "p50": round(p50, 1), "p99": round(p99, 1), "unit": "us"}
+    frames = read_frames(settings, 30)
+    inputs = next((prepared.invokes[0] for frame in frames if (prepared := model.task.prepare(frame.image)).invokes), None)
+    if inputs is None:
+        raise SourceError(f"source {settings.source.spec}: the model found nothing to run on in its first {len(frames)} frames; bench a source it sees something in")
+    p50, p99 = invoke_latency_us(model.backend.run, inputs, repeats=5000)
+    return {"backend": model.backend.name, "device": model.backend.device, "p50": round(p50, 1), "p99": round(p99, 1), "unit": "us"}
+
+
+def read_frames(settings: Settings, count: int) -> list:
+    """The configured source's first frames, decoded up front (so decode is never measured)."""
+    source = open_source(settings.source)
+    frames = []
+    while len(frames) < count and (frame := source.read()) is not None:
+        frames.append(frame)
+    source.close()
+    return frames
 
 
 def bench_frame(settings: Settings, max_frames: int = 300, rounds: int = 3) -> dict:
     """Per-frame cost on the configured source's frames, decoded up front so decode is excluded."""
-    source = open_source(settings.source)
-    frames = []
-    while len(frames) < max_frames and (frame := source.read()) is not None:
-        frames.append(frame)
-    source.close()
-    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=source, publish_empty=True)
+    frames = read_frames(settings, max_frames)
+    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=ImageFilesSource.from_files([]), publish_empty=True)
     samples, digits = [], []
     for _ in range(rounds):
         for frame in frames:

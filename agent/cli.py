@@ -119,17 +119,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def trusted_keys(args: argparse.Namespace) -> list[Path]:
-    """`--trusted-key` as given, or the development key the shipped bundle is signed with."""
-    from agent.settings import DEV_SIGNING_KEY
+def model_settings(args: argparse.Namespace):
+    """`model verify|eval` flags as the model settings every loader takes (default trusted keys: the development ones)."""
+    from agent.settings import ModelSettings
 
-    return args.trusted_key or [DEV_SIGNING_KEY]
+    options = {"bundle": args.bundle, "require_signature": not args.allow_unsigned, "max_bundle_mb": args.max_mb}
+    if args.trusted_key:
+        options["trusted_keys"] = args.trusted_key
+    return ModelSettings(**options)
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
     from agent.bundles.bundle import open_bundle
 
-    bundle = open_bundle(args.bundle, trusted_keys=trusted_keys(args), require_signature=not args.allow_unsigned, max_bytes=args.max_bytes)
+    model = model_settings(args)
+    bundle = open_bundle(model.bundle, trusted_keys=model.trusted_keys, require_signature=model.require_signature, max_bytes=model.max_bundle_bytes)
     manifest = bundle.manifest
     print(json.dumps({"ok": True, "name": manifest.name, "version": manifest.version, "signed_by": bundle.signer}))
     return 0
@@ -137,13 +141,14 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 
 def cmd_model_eval(args: argparse.Namespace) -> int:
     from agent.inference.evaluate import evaluate_bundle
+    from agent.settings import TaskSettings
 
-    print(json.dumps(evaluate_bundle(args.bundle, trusted_keys=trusted_keys(args), require_signature=not args.allow_unsigned, max_bytes=args.max_bytes), indent=2))
+    print(json.dumps(evaluate_bundle(args.bundle, model_settings(args), TaskSettings()), indent=2))
     return 0
 
 
 def build_parser() -> Parser:
-    from agent.bundles.bundle import MAX_BUNDLE_BYTES
+    from agent.settings import ModelSettings
 
     parser = Parser(prog="edge-agent", description="Edge vision agent: camera frames -> int8 TFLite -> AWS IoT Core.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -179,7 +184,7 @@ def build_parser() -> Parser:
         sub.add_argument("bundle", type=Path)
         sub.add_argument("--trusted-key", type=Path, action="append", help="Ed25519 public key (repeatable; default: the development key)")
         sub.add_argument("--allow-unsigned", action="store_true", help="accept a bundle without a signature")
-        sub.add_argument("--max-bytes", type=int, default=MAX_BUNDLE_BYTES, help="largest bundle accepted")
+        sub.add_argument("--max-mb", type=float, default=ModelSettings().max_bundle_mb, help="largest bundle accepted, unpacked (setting model.max_bundle_mb)")
         sub.set_defaults(handler=handler)
     return parser
 

@@ -1,8 +1,37 @@
 """Typed errors raised at the edge where a problem happens.
 
 Each carries one line naming what was wrong and how to fix it; the CLI is the one place that turns
-them into that line on stderr and exit code 2. Nothing else catches them to print.
+them into that line on stderr and exit code 2. Nothing else catches them to print. A model error also
+carries a reason code, so an update reports why a model was refused without checking it again.
 """
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a model or an update was refused: stable codes for dashboards and job statusDetails."""
+
+    MALFORMED_DOCUMENT = "MALFORMED_DOCUMENT"
+    UNKNOWN_OPERATION = "UNKNOWN_OPERATION"
+    UNSAFE_PATH = "UNSAFE_PATH"
+    DOWNGRADE_REFUSED = "DOWNGRADE_REFUSED"
+    URL_REFUSED = "URL_REFUSED"
+    TOO_LARGE = "TOO_LARGE"
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    SHA256_MISMATCH = "SHA256_MISMATCH"
+    UNSIGNED = "UNSIGNED"
+    UNTRUSTED_KEY = "UNTRUSTED_KEY"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    INVALID_BUNDLE = "INVALID_BUNDLE"
+    NAME_MISMATCH = "NAME_MISMATCH"
+    NOT_TFLITE = "NOT_TFLITE"
+    TENSOR_MISMATCH = "TENSOR_MISMATCH"
+    GOLDEN_ACCURACY = "GOLDEN_ACCURACY"
+    MODEL_FAILED = "MODEL_FAILED"
+    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
+    INTERRUPTED = "INTERRUPTED"
+    STORE_FAILED = "STORE_FAILED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class AgentError(Exception):
@@ -14,7 +43,11 @@ class ConfigError(AgentError):
 
 
 class ModelError(AgentError):
-    """A model bundle or model file that cannot be trusted, loaded or run."""
+    """A model bundle or model file that cannot be trusted, loaded or run; `reason` says which step refused it."""
+
+    def __init__(self, message: str, reason: Reason = Reason.INVALID_BUNDLE):
+        super().__init__(message)
+        self.reason = reason
 
 
 class SourceError(AgentError):

@@ -55,6 +55,8 @@ class ModelRef(Message):
     name: str
     version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    backend: str | None = Field(None, description="the backend that ran it (litert, openvino, ...)")
+    device: str | None = Field(None, description="what the backend ran it on, e.g. CPU (1 thread)")
 
 
 class StageLatency(Message):
@@ -100,6 +102,7 @@ class StatusMessage(Envelope):
 class MetricsMessage(Envelope):
     kind: Literal["metrics"] = "metrics"
     interval_s: float
+    model: ModelRef | None = None
     frames_read: int
     frames_dropped: int
     frames_corrupt: int

@@ -51,6 +51,10 @@ class ModelSettings(Section):
     max_bundle_mb: float = Field(16.0, gt=0, description="largest bundle accepted, unpacked")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="predictions scoring below this are not published")
 
+    @property
+    def max_bundle_bytes(self) -> int:
+        return int(self.max_bundle_mb * 1024 * 1024)
+
 
 class TopicSettings(Section):
     prefix: str = Field("edge", description="first topic level; '{thing}' below is the thing name")
@@ -117,6 +121,12 @@ class DigitFinderSettings(Section):
         return self
 
 
+class TaskSettings(Section):
+    """Each task's own settings, under its task id (dashes as underscores); a bundle's task reads its own."""
+
+    mnist_digits: DigitFinderSettings = DigitFinderSettings()
+
+
 class LiveViewSettings(Section):
     """The live view server."""
 
@@ -181,7 +191,7 @@ class Settings(Section):
     opencv_threads: int | None = Field(1, ge=1, le=64, description="OpenCV worker threads; the pipeline is one thread, and on small frames a pool only adds wake-ups (null: OpenCV's default)")
     source: SourceSettings = SourceSettings()
     model: ModelSettings = ModelSettings()
-    vision: DigitFinderSettings = DigitFinderSettings()
+    tasks: TaskSettings = TaskSettings()
     topics: TopicSettings = TopicSettings()
     mqtt: MqttSettings = MqttSettings()
     outbox: OutboxSettings = OutboxSettings()

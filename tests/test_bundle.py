@@ -23,19 +23,21 @@ from conftest import REPO, SHIPPED_BUNDLE, run_cli
 
 from agent.bundles.bundle import open_bundle
 from agent.bundles.signing import key_id, load_private_key, load_public_key, sign
-from agent.errors import ModelError
+from agent.errors import ModelError, Reason
 from agent.fleet.cli import main as fleet_main
 from agent.inference.model import load_model
+from agent.settings import ModelSettings, TaskSettings
 
 DEV_KEY = REPO / "models" / "keys" / "dev-signing.pub"
 
 
-def refused(match: str, call, *args, **kwargs) -> str:
-    """Assert `call` raises a one-line ModelError containing `match`; returns the message."""
+def refused(match: str, call, *args, reason: Reason | None = None, **kwargs) -> str:
+    """Assert `call` raises a one-line ModelError containing `match` (and carrying `reason`); returns the message."""
     with pytest.raises(ModelError) as caught:
         call(*args, **kwargs)
     message = str(caught.value)
     assert "\n" not in message and match in message, message
+    assert reason is None or caught.value.reason == reason, caught.value.reason
     return message
 
 
@@ -58,9 +60,9 @@ def test_round_trip_through_fleet_cli_pack_sign_verify_load(tmp_path, test_key, 
     assert fleet_main(["model", "pack", str(bundle), "--zip", str(archive)]) == 0
     capsys.readouterr()
     for path in (bundle, archive):
-        model = load_model(path, trusted_keys=[public])
+        model = load_model(path, ModelSettings(trusted_keys=[public]), TaskSettings())
         assert model.manifest.version == "1.0.1" and model.bundle.signer == key_id(load_public_key(public))
-        assert model.check_golden() >= model.manifest.min_golden_accuracy
+        assert model.check_golden().passed
     verified = run_cli("model", "verify", archive, "--trusted-key", public)
     assert verified.returncode == 0 and json.loads(verified.stdout)["version"] == "1.0.1", verified.stderr
 
@@ -78,7 +80,7 @@ def test_signing_a_zip_and_packing_are_reproducible(tmp_path, test_key):
 def test_unsigned_bundle_allowed_only_when_signatures_are_not_required(tmp_path, test_key):
     bundle = make_bundle(tmp_path / "b", private_key=None)
     assert open_bundle(bundle, trusted_keys=[test_key[1]], require_signature=False).signer is None
-    refused("not signed", open_bundle, bundle, trusted_keys=[test_key[1]])
+    refused("not signed", open_bundle, bundle, trusted_keys=[test_key[1]], reason=Reason.UNSIGNED)
 
 
 def test_tampered_model(tmp_path, test_key):
@@ -86,7 +88,7 @@ def test_tampered_model(tmp_path, test_key):
     data = bytearray((bundle / "model.tflite").read_bytes())
     data[len(data) // 2] ^= 0x01
     (bundle / "model.tflite").write_bytes(bytes(data))
-    refused("model.tflite does not match its sha256", load_model, bundle, trusted_keys=[test_key[1]])
+    refused("model.tflite does not match its sha256", load_model, bundle, ModelSettings(trusted_keys=[test_key[1]]), TaskSettings())
 
 
 def test_tampered_manifest(tmp_path, test_key):
@@ -112,7 +114,7 @@ def test_garbage_signature_file(tmp_path, test_key):
 def test_untrusted_key(tmp_path, test_key, other_key):
     bundle = make_bundle(tmp_path / "b", other_key[0])
     signer = key_id(load_public_key(other_key[1]))
-    refused(f"untrusted key {signer}", open_bundle, bundle, trusted_keys=[test_key[1]])
+    refused(f"untrusted key {signer}", open_bundle, bundle, trusted_keys=[test_key[1]], reason=Reason.UNTRUSTED_KEY)
     refused("untrusted key", open_bundle, bundle, trusted_keys=[])
 
 
@@ -130,7 +132,7 @@ def test_truncated_or_non_tflite_model(tmp_path, test_key, model_bytes):
     bundle = copy_bundle(tmp_path / "b")
     (bundle / "model.tflite").write_bytes(model_bytes((SHIPPED_BUNDLE / "model.tflite").read_bytes()))
     repack(bundle, test_key[0])
-    refused("not a loadable TFLite model", load_model, bundle, trusted_keys=[test_key[1]])
+    refused("not a loadable TFLite model", load_model, bundle, ModelSettings(trusted_keys=[test_key[1]]), TaskSettings(), reason=Reason.NOT_TFLITE)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -150,7 +152,7 @@ def test_real_tensors_disagree_with_manifest(tmp_path, test_key, edit, match):
         np.savez(bundle / "golden.npz", x=np.zeros((3, height, width), np.uint8), y=np.zeros(3, np.uint8))
 
     repack(bundle, test_key[0], edit_consistently)
-    refused(match, load_model, bundle, trusted_keys=[test_key[1]])
+    refused(match, load_model, bundle, ModelSettings(trusted_keys=[test_key[1]]), TaskSettings(), reason=Reason.TENSOR_MISMATCH)
 
 
 @pytest.mark.parametrize("field, value, match", [

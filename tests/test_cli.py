@@ -142,12 +142,12 @@ def test_model_whose_input_is_not_an_image(tmp_path):
     """A real, valid TFLite model with a vector input, honestly described by its manifest: still refused."""
     from agent.bundles.bundle import read_manifest
     from agent.fleet.packing import write_manifest
-    from agent.inference.runtime import Runtime
+    from agent.inference.backends.litert import LiteRtBackend
 
     bundle = unsigned_copy(tmp_path, (REPO / "tests" / "data" / "not-an-image.tflite").read_bytes())
-    runtime = Runtime(bundle / "model.tflite")
+    backend = LiteRtBackend(bundle / "model.tflite", None)
     raw, _ = read_manifest(bundle, str(bundle))
-    for name, spec in (("input", runtime.input), ("output", runtime.output)):
+    for name, spec in (("input", backend.inputs[0]), ("output", backend.outputs[0])):
         raw[name].update(shape=list(spec.shape), dtype=spec.dtype, scale=spec.scale, zero_point=spec.zero_point)
     raw.pop("files")
     np.savez(bundle / "golden.npz", x=np.zeros((4, 10), np.uint8), y=np.zeros(4, np.uint8))

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.app import build_pipeline
 from agent.messages import SequenceCounter
 from agent.observe.metrics import Health, Metrics
-from agent.observe.watchdog import RestartableSource, supervise
+from agent.observe.watchdog import supervise
 from agent.settings import Settings, WatchdogSettings
-from agent.sources import open_source
+from agent.sources.restartable import RestartableSource
 from agent.transport.console import ConsoleTransport
 
 
@@ -152,13 +152,13 @@ class Running:
     def __init__(self, settings: Settings, watchdog: WatchdogSettings, blocker=None):
         self.pipeline = build_pipeline(settings, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("test"))
         if blocker is not None:
-            self.pipeline.observers.append(blocker)
+            self.pipeline.add_observer(blocker)
         self.health = Health(self.pipeline, watchdog.stale_after_s)
         self.metrics = Metrics(self.pipeline, "console", self.health)
         self.errored: list[str] = []
         self.health_changes: list[tuple[bool, str]] = []
         self.watchdog = supervise(
-            self.pipeline, watchdog, self.health, self.metrics, lambda: open_source(settings.source),
+            self.pipeline, watchdog, self.health, self.metrics,
             on_errored=self.errored.append, on_health=lambda ok, reason: self.health_changes.append((ok, reason)),
         )
         self.thread = threading.Thread(target=self.pipeline.run, daemon=True)
@@ -242,8 +242,8 @@ def test_watchdog_gives_stuck_inference_a_fresh_interpreter():
         hang.hold.set()
         wait_for(lambda: running.restarts("inference") >= 1, "the watchdog to restart inference")
         fresh = running.pipeline.slot.active
-        assert fresh is not stuck and fresh.model.runtime is not stuck.model.runtime
-        assert fresh.ref == stuck.ref, "the same model, on a new interpreter"
+        assert fresh is not stuck and fresh.backend is not stuck.backend
+        assert fresh.ref == stuck.ref, "the same model, on a new backend"
         hang.hold.clear()
         hang.release.set()
         running.frames_flow("frames on the fresh interpreter")

@@ -11,16 +11,17 @@ from bundle_helpers import copy_bundle, repack, test_key  # noqa: F401 (fixture)
 from conftest import MNIST, REPO, SHIPPED_BUNDLE, run_cli
 
 from agent.bundles.bundle import open_bundle
-from agent.errors import ModelError
+from agent.errors import ModelError, Reason
 from agent.inference.evaluate import MNIST_SHA256, evaluate, load_mnist
 from agent.inference.model import load_model
+from agent.settings import ModelSettings, TaskSettings
 
 DEV_KEY = REPO / "models" / "keys" / "dev-signing.pub"
 
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    return load_model(SHIPPED_BUNDLE, trusted_keys=[DEV_KEY], backend="litert", num_threads=1)
+    return load_model(SHIPPED_BUNDLE, ModelSettings(trusted_keys=[DEV_KEY], backend="litert"), TaskSettings())
 
 
 def test_eval_reproduces_the_recorded_accuracy(shipped_model):
@@ -38,7 +39,7 @@ def test_shipped_model_meets_its_targets(shipped_model):
     assert metrics.int8_accuracy >= 0.993
     assert metrics.float_accuracy - metrics.int8_accuracy <= 0.0015
     assert metrics.size_bytes == shipped_model.bundle.model_path.stat().st_size <= 120 * 1024
-    assert (shipped_model.runtime.input.dtype, shipped_model.runtime.output.dtype) == ("int8", "int8")
+    assert (shipped_model.backend.inputs[0].dtype, shipped_model.backend.outputs[0].dtype) == ("int8", "int8")
     assert manifest.provenance.data_sha256 == MNIST_SHA256
     assert manifest.name == "mnist-int8"
 
@@ -63,10 +64,10 @@ def test_golden_gate_refuses_a_model_that_misreads_its_golden_set(tmp_path, test
     golden = open_bundle(SHIPPED_BUNDLE, trusted_keys=[DEV_KEY])
     np.savez(bundle / "golden.npz", x=golden.golden_x, y=(golden.golden_y + 1) % 10)
     repack(bundle, test_key[0])
-    model = load_model(bundle, trusted_keys=[test_key[1]])
+    model = load_model(bundle, ModelSettings(trusted_keys=[test_key[1]]), TaskSettings())
     with pytest.raises(ModelError, match="below the bundle's minimum") as caught:
         model.check_golden()
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and caught.value.reason == Reason.GOLDEN_ACCURACY
 
 
 def test_mnist_loader_refuses_a_file_that_is_not_mnist(tmp_path):

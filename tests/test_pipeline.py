@@ -10,10 +10,11 @@ import pytest
 from conftest import SAMPLE_VIDEO
 
 from agent.app import load_configured_model
-from agent.inference.pipeline import ModelSlot, Pipeline
+from agent.inference.pipeline import Pipeline, Tuning
+from agent.inference.slot import ModelSlot
 from agent.messages import SequenceCounter
 from agent.schemas import SCHEMA_DIR, render, schema_documents
-from agent.settings import Settings
+from agent.settings import ModelSettings, Settings
 from agent.sources import VideoFileSource
 from agent.transport.base import TransportStats
 from agent.transport.console import ConsoleTransport
@@ -40,9 +41,9 @@ def model(settings):
     return load_configured_model(settings)
 
 
-def make_pipeline(settings, model, transport, **options) -> Pipeline:
-    options.setdefault("score_threshold", settings.model.score_threshold)
-    return Pipeline(VideoFileSource(SAMPLE_VIDEO), ModelSlot(model, settings.vision), transport, SequenceCounter("test-thing"), **options)
+def make_pipeline(settings, model, transport, **tuning) -> Pipeline:
+    tuning.setdefault("score_threshold", settings.model.score_threshold)
+    return Pipeline(settings.source, ModelSlot(model), transport, SequenceCounter("test-thing"), Tuning(**tuning), source=VideoFileSource(SAMPLE_VIDEO))
 
 
 def test_results_validate_against_the_published_schema(settings, model):
@@ -101,7 +102,7 @@ def test_swap_takes_effect_on_the_next_frame(settings, model, tmp_path):
     raw.pop("files")
     raw["version"] = "9.9.9"
     write_manifest(bundle, raw)
-    second = load_model(bundle, trusted_keys=[], require_signature=False)
+    second = load_model(bundle, ModelSettings(trusted_keys=[], require_signature=False), settings.tasks)
 
     transport = Recorder()
     pipeline = make_pipeline(settings, model, transport, publish_empty=True)

@@ -12,10 +12,24 @@ import pytest
 from conftest import MNIST, SHIPPED_BUNDLE
 
 from agent.errors import ModelError
+from agent.inference.backends import TensorSpec
+from agent.inference.backends.litert import LiteRtBackend
 from agent.inference.evaluate import load_mnist
 from agent.inference.model import load_model
-from agent.inference.runtime import Runtime, TensorSpec, available_backends
 from agent.inference.tasks.digit_finder import normalise_digit
+from agent.settings import ModelSettings, TaskSettings
+
+
+def available_backends() -> list[str]:
+    found = []
+    for name, module in (("litert", "ai_edge_litert"), ("tflite-runtime", "tflite_runtime")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
 
 BACKENDS = [
     pytest.param("litert", marks=pytest.mark.skipif("litert" not in available_backends(), reason="ai-edge-litert not installed here")),
@@ -30,13 +44,15 @@ def mnist_test():
 
 
 def shipped(backend: str):
-    from agent.settings import DEV_SIGNING_KEY
+    return load_model(SHIPPED_BUNDLE, ModelSettings(backend=backend), TaskSettings())
 
-    return load_model(SHIPPED_BUNDLE, trusted_keys=[DEV_SIGNING_KEY], backend=backend)
+
+def classify(model, images):
+    return model.task.classify(model.backend.run, images)
 
 
 def test_quantize_round_trip_is_within_half_a_step():
-    spec = TensorSpec(shape=(1, 4), dtype="int8", scale=1 / 255, zero_point=-128)
+    spec = TensorSpec("x", shape=(1, 4), dtype="int8", scale=1 / 255, zero_point=-128)
     values = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)
     quantized = spec.quantize(values)
     assert quantized.dtype == np.int8 and quantized[0, 0] == -128 and quantized[0, 3] == 127
@@ -44,7 +60,7 @@ def test_quantize_round_trip_is_within_half_a_step():
 
 
 def test_quantize_saturates_instead_of_wrapping():
-    spec = TensorSpec(shape=(1, 2), dtype="int8", scale=1 / 255, zero_point=-128)
+    spec = TensorSpec("x", shape=(1, 2), dtype="int8", scale=1 / 255, zero_point=-128)
     assert spec.quantize(np.array([[-1.0, 2.0]], np.float32)).tolist() == [[-128, 127]]
 
 
@@ -53,9 +69,9 @@ def test_mnist_test_set_through_agent_preprocessing(backend, mnist_test):
     """At least the bundle's recorded int8 accuracy minus 0.5 point, through normalise_digit + Runtime."""
     x, y = mnist_test
     model = shipped(backend)
-    assert model.runtime.backend == backend
+    assert model.backend.name == backend
     images = np.stack([normalise_digit(digit) for digit in x])
-    predicted = np.argmax(model.classify(images), axis=1)
+    predicted = np.argmax(classify(model, images), axis=1)
     accuracy = float(np.mean(predicted == y))
     print(f"{backend}: {accuracy:.4f} on 10,000 MNIST test digits (bundle records {model.manifest.metrics.int8_accuracy:.4f})")
     assert accuracy >= model.manifest.metrics.int8_accuracy - 0.005
@@ -64,18 +80,18 @@ def test_mnist_test_set_through_agent_preprocessing(backend, mnist_test):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_golden_set_passes_its_gate(backend):
     model = shipped(backend)
-    assert model.check_golden() >= model.manifest.min_golden_accuracy
+    assert model.check_golden().value >= model.manifest.min_golden_accuracy
 
 
 def test_backends_agree_when_both_present():
     if len(available_backends()) < 2:
         pytest.skip("only one backend installed in this environment")
     images = shipped("litert").bundle.golden_x[:50].astype(np.float32) / 255
-    a, b = shipped("litert").classify(images), shipped("tflite-runtime").classify(images)
+    a, b = classify(shipped("litert"), images), classify(shipped("tflite-runtime"), images)
     assert np.array_equal(np.argmax(a, 1), np.argmax(b, 1))
 
 
 def test_empty_model_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="not a loadable TFLite model"):
         (tmp_path / "empty.tflite").write_bytes(b"")
-        Runtime(tmp_path / "empty.tflite")
+        LiteRtBackend(tmp_path / "empty.tflite", None)

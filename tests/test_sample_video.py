@@ -17,7 +17,7 @@ from test_digit_finder import iou
 
 from agent.inference.model import load_model
 from agent.inference.tasks.digit_finder import DigitFinder
-from agent.settings import DEV_SIGNING_KEY
+from agent.settings import DEV_SIGNING_KEY, ModelSettings, TaskSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "models" / "mnist" / "sample"
@@ -70,13 +70,13 @@ def test_video_is_what_the_truth_describes(truth, frames):
 
 
 def test_finder_and_shipped_model_read_the_video(truth, frames):
-    model = load_model(BUNDLE, trusted_keys=[DEV_SIGNING_KEY])
+    model = load_model(BUNDLE, ModelSettings(trusted_keys=[DEV_SIGNING_KEY]), TaskSettings())
     finder = DigitFinder()
     total = right = found = false = blank_false = 0
     wrong: list[str] = []
     for number, (frame, expected) in enumerate(zip(frames, truth["frames"])):
         result = finder.find(frame)
-        labels = model.classify(result.images).argmax(axis=1) if len(result) else []
+        labels = model.task.classify(model.backend.run, result.images).argmax(axis=1) if len(result) else []
         matched: set[int] = set()
         for digit in expected["digits"]:
             total += 1

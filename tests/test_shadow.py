@@ -74,7 +74,7 @@ def test_desired_settings_set_while_away_apply_at_start_and_are_echoed(device, s
     service.set_desired(THING, {"threshold": 0.8, "rate": 12})
     device.shadow.start()
     wait_for(lambda: reported(service).get("threshold") == 0.8, "threshold echoed")
-    assert device.pipeline.score_threshold == 0.8 and device.shadow.rate.fps == 12
+    wait_for(lambda: (device.pipeline.tuning.score_threshold, device.pipeline.tuning.max_fps) == (0.8, 12), "applied between frames")
     assert reported(service)["rate"] == 12
     assert delta(service.shadows[THING].state["desired"], reported(service)) == {}  # no delta left
 
@@ -84,7 +84,7 @@ def test_desired_settings_changed_live_are_applied_between_frames_and_echoed(dev
     wait_for(lambda: reported(service), "the first report")
     service.set_desired(THING, {"threshold": 0.3})
     wait_for(lambda: reported(service).get("threshold") == 0.3, "threshold echoed")
-    assert device.pipeline.score_threshold == 0.3
+    wait_for(lambda: device.pipeline.tuning.score_threshold == 0.3, "applied between frames")
     device.wait_frames(5)
     device.assert_no_frame_lost()
 
@@ -95,7 +95,7 @@ def test_an_out_of_range_desired_value_is_not_applied_and_says_why(device, servi
     service.set_desired(THING, {"threshold": 5})
     error = wait_for(lambda: reported(service).get("desired_error"), "desired_error reported")
     assert error.startswith("threshold:") and "5" in error
-    assert device.pipeline.score_threshold == 0.5
+    assert device.pipeline.tuning.score_threshold == 0.5
     assert delta(service.shadows[THING].state["desired"], reported(service)) == {"threshold": 5}  # the operator still sees it
     service.set_desired(THING, {"threshold": 0.6})
     wait_for(lambda: reported(service).get("threshold") == 0.6, "the corrected value echoed")

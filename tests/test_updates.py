@@ -38,8 +38,8 @@ from agent.bundles.updates import (
     document_signed_bytes,
     job_document_schema,
 )
-from agent.inference.pipeline import ModelSlot
-from agent.settings import AMAZON_ROOT_CA, Settings
+from agent.inference.slot import ModelSlot
+from agent.settings import AMAZON_ROOT_CA, ModelSettings, Settings
 
 
 def assert_refused(s: Serving, outcome, reason: Reason, status: Status = Status.FAILED):
@@ -87,8 +87,8 @@ def test_a_restarted_agent_serves_the_stored_model(serving, tmp_path, keys, arti
     assert s.manager.apply(document(artifacts.publish("/good/restart.zip", data), data, version=later(3))).status == Status.SUCCEEDED
     s.stop()
     settings = Settings()
-    fresh = ModelSlot(load_configured_model(settings), settings.vision)
-    manager = UpdateManager(s.settings, fresh, [], trusted_keys=[keys / "trusted.pub"])
+    fresh = ModelSlot(load_configured_model(settings))
+    manager = UpdateManager(s.settings, ModelSettings(trusted_keys=[keys / "trusted.pub"]), settings.tasks, fresh)
     replaced = manager.restore()
     assert replaced.ref.version == SERVING and fresh.active.ref.version == later(3)
 
@@ -203,7 +203,7 @@ def test_a_bad_update_fails_with_its_reason_and_the_old_model_keeps_serving(case
 
 @pytest.mark.parametrize(
     "model, symptom, golden",
-    [("update-nan.tflite", "NaN", None), ("update-constant.tflite", "identical scores", None), ("update-crash.tflite", "raised RuntimeError", _faint_golden())],
+    [("update-nan.tflite", "NaN", None), ("update-constant.tflite", "identical outputs", None), ("update-crash.tflite", "raised RuntimeError", _faint_golden())],
 )
 def test_a_model_that_misbehaves_in_its_health_window_is_rolled_back_without_losing_a_frame(model, symptom, golden, serving, tmp_path, keys, artifacts):
     s = serving()

@@ -22,10 +22,16 @@ from agent.app import load_configured_model
 from agent.bundles.signing import generate_key
 from agent.bundles.updates import UpdateManager
 from agent.fleet.packing import sign_bundle, write_manifest, write_zip
-from agent.inference.pipeline import ModelSlot, Pipeline
+from agent.inference.pipeline import Pipeline, Tuning
+from agent.inference.slot import ModelSlot
 from agent.messages import SequenceCounter
-from agent.settings import DEV_SIGNING_KEY, DownloadSettings, Settings, UpdateSettings
-from agent.sources import VideoFileSource
+from agent.settings import (
+    DownloadSettings,
+    ModelSettings,
+    Settings,
+    SourceSettings,
+    UpdateSettings,
+)
 from agent.transport.console import ConsoleTransport
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -84,17 +90,18 @@ class Serving:
     """A real pipeline on the sample video at 30 fps, on its own thread, with an update manager beside it."""
 
     def __init__(self, store: Path, trusted_keys: list[Path], ca_file: Path | None, **update_settings):
-        settings = Settings()
-        self.slot = ModelSlot(load_configured_model(settings), settings.vision)
-        source = VideoFileSource(SAMPLE_VIDEO, loop=True, pace_fps=30)
-        self.pipeline = Pipeline(source, self.slot, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("t"), score_threshold=0.5, publish_empty=True)
-        self.log = FrameLog()
-        self.pipeline.observers.append(self.log)
-        self.pipeline.observers.append(self)
-        self.stopping = threading.Event()
         download = DownloadSettings(**{"ca_file": ca_file, "retries": 2, "backoff_initial_s": 0.01, **update_settings.pop("download", {})})
-        self.settings = UpdateSettings(**{"store": store, "health_frames": 10, "health_timeout_s": 20, "download": download, **update_settings})
-        self.manager = UpdateManager(self.settings, self.slot, self.pipeline.observers, trusted_keys=[DEV_SIGNING_KEY, *trusted_keys])
+        updates = UpdateSettings(**{"store": store, "health_frames": 10, "health_timeout_s": 20, "download": download, **update_settings})
+        source = SourceSettings(spec=str(SAMPLE_VIDEO), loop=True, pace_fps=30)
+        settings = Settings(source=source, model=ModelSettings(trusted_keys=[*ModelSettings().trusted_keys, *trusted_keys]), updates=updates)
+        self.settings = updates
+        self.slot = ModelSlot(load_configured_model(settings))
+        self.pipeline = Pipeline(settings.source, self.slot, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("t"), Tuning(publish_empty=True))
+        self.log = FrameLog()
+        self.pipeline.add_observer(self.log)
+        self.pipeline.add_observer(self)
+        self.stopping = threading.Event()
+        self.manager = UpdateManager.serving(settings, self.pipeline)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -26,8 +26,9 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from agent.bundles.signing import verify
-from agent.errors import ModelError
-from agent.inference.tasks.registry import PREPROCESSORS
+from agent.errors import ModelError, Reason
+from agent.inference.tasks import known_tasks
+from agent.settings import ModelSettings
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -35,7 +36,7 @@ MODEL_FILE = "model.tflite"
 LABELS_FILE = "labels.txt"
 GOLDEN_FILE = "golden.npz"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, GOLDEN_FILE)
-MAX_BUNDLE_BYTES = 16 * 1024 * 1024
+MAX_BUNDLE_BYTES = ModelSettings().max_bundle_bytes  # devices apply model.max_bundle_mb; this is its default
 
 SHA256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
 SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
@@ -63,7 +64,7 @@ class OutputSpec(Strict):
 class InputSpec(OutputSpec):
     layout: Literal["NHWC"] = "NHWC"
     colour: Literal["gray", "rgb"]
-    # How a frame becomes this tensor: an id of agent/inference/tasks/registry.py's PREPROCESSORS.
+    # How a frame becomes this tensor: for classifiers, the id of the task that prepares it (agent.inference.tasks).
     preprocessing: str
 
 
@@ -101,6 +102,11 @@ class ClassificationManifest(ManifestBase):
     output: OutputSpec
     labels: list[str] = Field(min_length=1)
 
+    @property
+    def task_id(self) -> str:
+        """The task that serves this model: a classifier's preprocessing names it (mnist-digits)."""
+        return self.input.preprocessing
+
 
 # task id -> manifest model. A detection task adds its model here (with boxes in its output spec).
 MANIFEST_TYPES: dict[str, type[ManifestBase]] = {"classification": ClassificationManifest}
@@ -134,7 +140,7 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> ManifestBase:
     task = raw.get("task")
     spec = raw.get("input")
     preprocessing = spec.get("preprocessing") if isinstance(spec, dict) else None
-    for kind, value, known in (("task", task, MANIFEST_TYPES), ("preprocessing id", preprocessing, PREPROCESSORS)):
+    for kind, value, known in (("task", task, MANIFEST_TYPES), ("preprocessing id", preprocessing, known_tasks())):
         if value not in known:
             raise ModelError(f"{where}: unknown {kind} {value!r} (this agent knows: {', '.join(known)}); update the agent or fix the manifest")
     try:
@@ -296,7 +302,7 @@ def open_bundle(
     if SIGNATURE in files:
         signer = verify(signed_bytes, files[SIGNATURE].read_bytes(), trusted_keys, where)
     elif require_signature:
-        raise ModelError(f"{where}: bundle is not signed (no {SIGNATURE}); sign it with `edge-fleet model sign` or set model.require_signature=false for development")
+        raise ModelError(f"{where}: bundle is not signed (no {SIGNATURE}); sign it with `edge-fleet model sign` or set model.require_signature=false for development", Reason.UNSIGNED)
     manifest = parse_manifest(raw, f"{where}: {MANIFEST}")
     _check_files(manifest, files, where)
     _read_labels(root, manifest, where)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import ModelError
+from agent.errors import ModelError, Reason
 
 # Where `edge-fleet model keygen` puts a private key by default: outside any repository.
 DEFAULT_PRIVATE_KEY = Path("~/.config/edge-agent/dev-signing.key").expanduser()
@@ -96,13 +96,13 @@ def verify(message: bytes, signature_bytes: bytes, trusted_keys: Sequence[Path],
         signature = Signature.model_validate(json.loads(signature_bytes))
         raw = base64.b64decode(signature.signature, validate=True)
     except (ValueError, ValidationError):
-        raise ModelError(f"{where}: manifest.sig is not a valid signature file; re-sign with `edge-fleet model sign`") from None
+        raise ModelError(f"{where}: manifest.sig is not a valid signature file; re-sign with `edge-fleet model sign`", Reason.BAD_SIGNATURE) from None
     keys = {key_id(key): key for key in map(load_public_key, trusted_keys)}
     if signature.key_id not in keys:
         trusted = ", ".join(sorted(keys)) or "none"
-        raise ModelError(f"{where}: signed by untrusted key {signature.key_id} (trusted: {trusted}); add its public key to model.trusted_keys or re-sign")
+        raise ModelError(f"{where}: signed by untrusted key {signature.key_id} (trusted: {trusted}); add its public key to model.trusted_keys or re-sign", Reason.UNTRUSTED_KEY)
     try:
         keys[signature.key_id].verify(raw, message)
     except InvalidSignature:
-        raise ModelError(f"{where}: manifest.json does not match its signature (tampered or re-packed after signing); re-sign with `edge-fleet model sign`") from None
+        raise ModelError(f"{where}: manifest.json does not match its signature (tampered or re-packed after signing); re-sign with `edge-fleet model sign`", Reason.BAD_SIGNATURE) from None
     return signature.key_id

@@ -32,52 +32,25 @@ from agent.bundles.bundle import (
     MANIFEST,
     SEMVER,
     SHA256,
-    SIGNATURE,
     canonical_bytes,
-    open_bundle,
     read_manifest,
     sha256_file,
 )
 from agent.bundles.fetch import DownloadError, Progress, fetch
-from agent.bundles.signing import Signature, key_id, load_public_key, verify
+from agent.bundles.signing import Signature, verify
 from agent.bundles.store import ModelStore, check_name_version
-from agent.errors import AgentError, ModelError
-from agent.inference.model import LoadedModel, load_model
-from agent.inference.runtime import BackendName, Runtime
-from agent.settings import UpdateSettings
+from agent.errors import AgentError, ModelError, Reason
+from agent.inference.backends import Backend
+from agent.inference.model import Inference, LoadedModel, load_model
+from agent.settings import ModelSettings, Settings, TaskSettings, UpdateSettings
 
 if TYPE_CHECKING:
-    from agent.inference.pipeline import ActiveModel, ModelSlot
+    from agent.inference.pipeline import Pipeline
+    from agent.inference.slot import ModelSlot
 
 OPERATION = "model-update"
 MAX_MANIFEST_BYTES = 1 << 20
 log = logging.getLogger(__name__)
-
-
-class Reason(StrEnum):
-    """Why an update did not succeed: stable codes for dashboards and job statusDetails."""
-
-    MALFORMED_DOCUMENT = "MALFORMED_DOCUMENT"
-    UNKNOWN_OPERATION = "UNKNOWN_OPERATION"
-    UNSAFE_PATH = "UNSAFE_PATH"
-    DOWNGRADE_REFUSED = "DOWNGRADE_REFUSED"
-    URL_REFUSED = "URL_REFUSED"
-    TOO_LARGE = "TOO_LARGE"
-    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
-    SHA256_MISMATCH = "SHA256_MISMATCH"
-    UNSIGNED = "UNSIGNED"
-    UNTRUSTED_KEY = "UNTRUSTED_KEY"
-    BAD_SIGNATURE = "BAD_SIGNATURE"
-    INVALID_BUNDLE = "INVALID_BUNDLE"
-    NAME_MISMATCH = "NAME_MISMATCH"
-    NOT_TFLITE = "NOT_TFLITE"
-    TENSOR_MISMATCH = "TENSOR_MISMATCH"
-    GOLDEN_ACCURACY = "GOLDEN_ACCURACY"
-    MODEL_FAILED = "MODEL_FAILED"
-    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
-    INTERRUPTED = "INTERRUPTED"
-    STORE_FAILED = "STORE_FAILED"
-    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class Stage(StrEnum):
@@ -187,10 +160,11 @@ class Outcome(BaseModel):
 
 
 class HealthWatch:
-    """The new model's first frames, seen from the pipeline thread (observer + a wrapper around its runtime).
+    """The new model's first frames, seen from the pipeline thread (an observer, and the new model's backend
+    reporting every output it makes).
 
     The pipeline thread only counts and records; the update thread waits on `done` and judges. A model that
-    raises or returns NaN is answered for by the previous model on that frame, so no frame is lost while the
+    raises or gives NaN is answered for by the previous model on that frame, so no frame is lost while the
     update thread rolls back.
     """
 
@@ -198,14 +172,14 @@ class HealthWatch:
         self.frames_wanted = frames
         self.frames = 0
         self.failure: str | None = None
-        self.first_scores: np.ndarray | None = None
-        self.scored = 0
+        self.first_output: bytes | None = None
+        self.outputs = 0
         self.varied = False
         self.open = False
         self.done = threading.Event()
 
     def start(self) -> None:
-        self.frames, self.failure, self.first_scores, self.scored, self.varied = 0, None, None, 0, False
+        self.frames, self.failure, self.first_output, self.outputs, self.varied = 0, None, None, 0, False
         self.done.clear()
         self.open = True
 
@@ -215,16 +189,16 @@ class HealthWatch:
             if self.frames >= self.frames_wanted:
                 self.done.set()
 
-    def record(self, scores: np.ndarray) -> str | None:
-        """Note one batch of scores; returns why they are unusable, or None."""
-        if not np.isfinite(scores).all():
-            return "the model produced NaN or infinite scores"
-        for row in scores:
-            if self.first_scores is None:
-                self.first_scores = row.copy()
-            elif not self.varied and not np.array_equal(row, self.first_scores):
-                self.varied = True
-            self.scored += 1
+    def record(self, outputs: list[np.ndarray]) -> str | None:
+        """Note one invoke's outputs; returns why they are unusable, or None."""
+        if not all(np.isfinite(output).all() for output in outputs if output.dtype.kind == "f"):
+            return "the model produced NaN or infinite outputs"
+        seen = b"".join(output.tobytes() for output in outputs)
+        if self.first_output is None:
+            self.first_output = seen
+        elif seen != self.first_output:
+            self.varied = True
+        self.outputs += 1
         return None
 
     def fail(self, why: str) -> None:
@@ -237,55 +211,70 @@ class HealthWatch:
         self.open = False
         if self.failure:
             return self.failure
-        if self.scored >= 2 and not self.varied:
-            return f"the model gave identical scores for all {self.scored} digits it saw (constant output)"
+        if self.outputs >= 2 and not self.varied:
+            return f"the model gave identical outputs for all {self.outputs} inputs it saw (constant output)"
         return None
 
 
-class WatchedRuntime:
-    """The new model's runtime during its health window: records scores, falls back on failure."""
+class UnusableOutput(Exception):
+    """The new model's output failed the health watch's check (NaN, infinity)."""
 
-    def __init__(self, runtime: Runtime, fallback: Runtime, watch: HealthWatch):
-        self.runtime, self.fallback, self.watch = runtime, fallback, watch
-        self.input, self.output, self.backend, self.model_path = runtime.input, runtime.output, runtime.backend, runtime.model_path
 
-    def classify(self, images: np.ndarray) -> np.ndarray:
-        try:
-            scores = self.runtime.classify(images)
-        except Exception as exc:  # noqa: BLE001 -- any fault of the new model must not stop the pipeline
-            self.watch.fail(f"the model raised {type(exc).__name__} while serving: {exc}")
-            return self.fallback.classify(images)
-        problem = self.watch.record(scores)
+class WatchedBackend(Backend):
+    """The new model's backend during its health window: every output is shown to the watch first."""
+
+    def __init__(self, backend: Backend, watch: HealthWatch):
+        self.name, self.inputs, self.outputs, self.device = backend.name, backend.inputs, backend.outputs, backend.device
+        self._backend, self._watch = backend, watch
+
+    def run(self, inputs):
+        outputs = self._backend.run(inputs)
+        problem = self._watch.record(outputs)
         if problem:
-            self.watch.fail(problem)
-            return self.fallback.classify(images)
-        return scores
+            raise UnusableOutput(problem)
+        return outputs
+
+
+@dataclasses.dataclass
+class WatchedModel(LoadedModel):
+    """The new model in its health window: a frame it fails on is answered by the model it replaced."""
+
+    fallback: LoadedModel | None = None
+    watch: HealthWatch | None = None
+
+    def infer(self, image: np.ndarray, score_threshold: float) -> Inference:
+        try:
+            return super().infer(image, score_threshold)
+        except Exception as exc:  # noqa: BLE001 -- any fault of the new model must not stop the pipeline
+            self.watch.fail(str(exc) if isinstance(exc, UnusableOutput) else f"the model raised {type(exc).__name__} while serving: {exc}")
+            return self.fallback.infer(image, score_threshold)
 
 
 class UpdateManager:
     """Applies updates one at a time to the model serving in `slot`, keeping versions in `store`."""
 
-    def __init__(
-        self,
-        settings: UpdateSettings,
-        slot: ModelSlot,
-        observers: list,
-        *,
-        trusted_keys: Sequence[Path],
-        backend: BackendName = "auto",
-        num_threads: int = 1,
-        listeners: list[Callable[[Outcome], None]] | None = None,
-    ):
+    def __init__(self, settings: UpdateSettings, model: ModelSettings, tasks: TaskSettings, slot: ModelSlot, listeners: Sequence[Callable[[Outcome], None]] = ()):
         self.settings = settings
-        self.listeners = listeners if listeners is not None else []  # told every outcome (metrics, status)
+        self.listeners = list(listeners)  # told every outcome (metrics, status)
         self.slot = slot
-        self.trusted_keys = list(trusted_keys)
-        self.backend = backend
-        self.num_threads = num_threads
         self.store = ModelStore(settings.store, keep=settings.keep)
         self.watch = HealthWatch(settings.health_frames)
-        observers.append(self.watch)
         self._lock = threading.Lock()
+        self.configure(model, tasks)
+
+    @classmethod
+    def serving(cls, settings: Settings, pipeline: Pipeline) -> UpdateManager:
+        """The update manager of a running pipeline: it swaps the pipeline's slot, watches its frames, and
+        tells the pipeline's update listeners every outcome."""
+        manager = cls(settings.updates, settings.model, settings.tasks, pipeline.slot, [pipeline.report_update])
+        pipeline.add_observer(manager.watch)
+        return manager
+
+    def configure(self, model: ModelSettings, tasks: TaskSettings) -> None:
+        """The model settings (trusted keys, backend) and task settings that the next update loads with."""
+        require_signature = model.require_signature and not self.settings.allow_unsigned
+        self.model_settings = model.model_copy(update={"require_signature": require_signature})
+        self.task_settings = tasks
 
     # -- entry points ------------------------------------------------------------------------------
 
@@ -383,44 +372,27 @@ class UpdateManager:
     def _check_signature(self, message: bytes, signature_bytes: bytes, where: str) -> None:
         """Ed25519 check with the failure named: untrusted key and bad signature are different problems."""
         try:
-            signer = Signature.model_validate_json(signature_bytes).key_id
-        except ValidationError:
-            raise UpdateFailed(Reason.BAD_SIGNATURE, f"{where}: signature is not a valid Ed25519 signature record; re-sign with `edge-fleet model sign`") from None
-        try:
-            trusted = {key_id(load_public_key(path)) for path in self.trusted_keys}
-            if signer not in trusted:
-                raise UpdateFailed(Reason.UNTRUSTED_KEY, f"{where}: signed by key {signer}, which this device does not trust; add its public key to model.trusted_keys or re-sign")
-            verify(message, signature_bytes, self.trusted_keys, where)
+            verify(message, signature_bytes, self.model_settings.trusted_keys, where)
         except ModelError as exc:
-            raise UpdateFailed(Reason.BAD_SIGNATURE, str(exc)) from None
+            raise UpdateFailed(exc.reason, str(exc)) from None
 
     def _install(self, artifact: Path, name: str, version: str, artifact_sha256: str | None) -> Path:
         try:
-            return self.store.install(artifact, name, version, artifact_sha256, max_bytes=self.settings.download.max_bytes)
+            return self.store.install(artifact, name, version, artifact_sha256, max_bytes=self.model_settings.max_bundle_bytes)
         except ModelError as exc:
             raise UpdateFailed(Reason.INVALID_BUNDLE, str(exc)) from None
         except OSError as exc:
             raise UpdateFailed(Reason.STORE_FAILED, f"model store {self.store.root}: cannot install ({exc.strerror}); free disk space or fix updates.store") from None
 
     def _validate(self, root: Path, name: str, version: str, report: StageProgress) -> LoadedModel:
-        """Signature, hashes, loadability, tensors, golden accuracy: each failure named for what it is."""
-        if (root / SIGNATURE).exists():
-            signed = _step(Reason.INVALID_BUNDLE, read_manifest, root, str(root))[1]
-            self._check_signature(signed, (root / SIGNATURE).read_bytes(), f"bundle {name} {version}")
-        elif not self.settings.allow_unsigned:
-            raise UpdateFailed(Reason.UNSIGNED, f"bundle {name} {version} is not signed; sign it with `edge-fleet model sign` (or set updates.allow_unsigned for development)")
-        options = dict(trusted_keys=self.trusted_keys, require_signature=not self.settings.allow_unsigned, max_bytes=self.settings.download.max_bytes)
-        bundle = _step(Reason.INVALID_BUNDLE, open_bundle, root, **options)
-        manifest = bundle.manifest
+        """Signature, hashes, loadability, tensors, golden set: loaded once, each refusal named by its reason."""
+        model = _step(load_model, root, self.model_settings, self.task_settings)
+        manifest = model.manifest
         if (manifest.name, manifest.version) != (name, version):
             raise UpdateFailed(Reason.NAME_MISMATCH, f"update names {name} {version} but the bundle is {manifest.name} {manifest.version}; fix the job document or the bundle")
         report(Stage.VERIFYING, 100)
-        report(Stage.VALIDATING, 0)
-        _step(Reason.NOT_TFLITE, Runtime, bundle.model_path, backend=self.backend, num_threads=self.num_threads)
-        # load_model repeats the (cheap) bundle and runtime checks; run first on their own they say which failed.
-        model = _step(Reason.TENSOR_MISMATCH, load_model, root, backend=self.backend, num_threads=self.num_threads, **options)
         report(Stage.VALIDATING, 50)
-        _step(Reason.GOLDEN_ACCURACY, model.check_golden)
+        _step(model.check_golden)
         report(Stage.VALIDATING, 100)
         return model
 
@@ -428,18 +400,14 @@ class UpdateManager:
         """Swap between two frames, watch the first frames, then keep it (store) or swap the old one back."""
         report(Stage.ACTIVATING, 0)
         previous = self.slot.active
-        watched = dataclasses.replace(model, runtime=WatchedRuntime(model.runtime, previous.model.runtime, self.watch))
+        watched = WatchedModel(model.bundle, WatchedBackend(model.backend, self.watch), model.task, model.settings, model.task_settings, fallback=previous, watch=self.watch)
         self.watch.start()
-        try:
-            _step(Reason.TENSOR_MISMATCH, self.slot.swap, watched)
-        except UpdateFailed:
-            self.watch.open = False
-            raise
+        self.slot.swap(watched)
         report(Stage.WATCHING, 0)
         self.watch.done.wait(self.settings.health_timeout_s)
         problem = self.watch.verdict()
         if problem:
-            self.slot.swap(previous.model)
+            self.slot.swap(previous)
             raise UpdateFailed(Reason.HEALTH_CHECK_FAILED, f"{model.manifest.name} {model.manifest.version} rolled back after {self.watch.frames} frames: {problem}")
         self.slot.swap(model)  # the same model without the watch
         report(Stage.WATCHING, 100)
@@ -447,13 +415,13 @@ class UpdateManager:
         try:
             self.store.activate(manifest.name, manifest.version)
         except (ModelError, OSError) as exc:
-            self.slot.swap(previous.model)
+            self.slot.swap(previous)
             raise UpdateFailed(Reason.STORE_FAILED, f"could not record {manifest.name} {manifest.version} as active ({exc}); the previous model is serving") from None
         report(Stage.ACTIVATING, 100)
 
     # -- start-up ------------------------------------------------------------------------------------
 
-    def restore(self) -> ActiveModel | None:
+    def restore(self) -> LoadedModel | None:
         """Serve the store's active model (falling back to its previous one) instead of the configured bundle.
 
         Call before the pipeline's first frame. Returns what was replaced, or None if the store has nothing
@@ -464,7 +432,7 @@ class UpdateManager:
             if ref is None:
                 continue
             try:
-                model = load_model(self.store.path(ref.name, ref.version), trusted_keys=self.trusted_keys, require_signature=not self.settings.allow_unsigned, backend=self.backend, num_threads=self.num_threads)
+                model = load_model(self.store.path(ref.name, ref.version), self.model_settings, self.task_settings)
             except ModelError:
                 continue
             if ref != state.active:
@@ -484,13 +452,13 @@ def _zip_manifest(path: Path) -> dict:
         raise ModelError(f"{path}: not a bundle .zip with a {MANIFEST} ({exc}); point the component at a bundle") from None
 
 
-def _step(reason: Reason, action: Callable, *args, **kwargs):
-    """Run one validation step; its ModelError becomes UpdateFailed with the step's reason, and the
-    interpreter failing to run the model (RuntimeError/ValueError from TFLite) becomes MODEL_FAILED."""
+def _step(action: Callable, *args):
+    """Run one validation step; its ModelError becomes UpdateFailed with the error's own reason, and the
+    backend failing to run the model (RuntimeError/ValueError from the runtime) becomes MODEL_FAILED."""
     try:
-        return action(*args, **kwargs)
+        return action(*args)
     except ModelError as exc:
-        raise UpdateFailed(reason, str(exc)) from None
+        raise UpdateFailed(exc.reason, str(exc)) from None
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UpdateFailed(Reason.MODEL_FAILED, f"the model failed while running ({first}); it is not fit to serve") from None

@@ -22,15 +22,7 @@ class IotCoreHost(Host):
 
     def serving(self, pipeline: Pipeline) -> None:
         settings = self.settings
-        manager = UpdateManager(
-            settings.updates,
-            pipeline.slot,
-            pipeline.observers,
-            trusted_keys=settings.model.trusted_keys,
-            backend=settings.model.backend,
-            num_threads=settings.model.num_threads,
-            listeners=pipeline.update_listeners,
-        )
+        manager = UpdateManager.serving(settings, pipeline)
         announce = lambda *_: pipeline.transport.publish(pipeline.status("online"))  # noqa: E731 -- the retained status names the model in use
         if manager.restore() is not None:
             announce()

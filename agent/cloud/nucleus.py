@@ -31,7 +31,6 @@ from agent.cloud.host import Host
 from agent.errors import AgentError, ConfigError, TransportError
 from agent.inference.pipeline import Pipeline
 from agent.settings import ModelSettings, Settings, deep_merge, validate_settings
-from agent.sources import open_source
 from agent.topics import Topics
 from agent.transport.greengrass import CONNECT_TIMEOUT_S, CONNECTION_LOST, open_ipc
 
@@ -111,12 +110,8 @@ class NucleusHost(Host):
 
     def serving(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
-        model = self._settings.model
-        self._updates = UpdateManager(
-            self._settings.updates, pipeline.slot, pipeline.observers, trusted_keys=model.trusted_keys, backend=model.backend,
-            num_threads=model.num_threads, listeners=pipeline.update_listeners,
-        )
-        pipeline.between_frames.append(self.apply_pending)
+        self._updates = UpdateManager.serving(self._settings, pipeline)
+        pipeline.between_frames(self.apply_pending)
         self._subscribe_commands()
         ask(self._client.update_state_async(state=ReportedLifecycleState.RUNNING), "UpdateState RUNNING")
 
@@ -186,17 +181,14 @@ class NucleusHost(Host):
         old, self._settings = self._settings, new
         changed = changed_settings(old, new)
         pipeline = self._pipeline
-        pipeline.score_threshold = new.model.score_threshold
-        pipeline.publish_empty = new.publish_empty
-        pipeline.metrics_interval_s = new.metrics_interval_s
+        pipeline.tune(score_threshold=new.model.score_threshold, publish_empty=new.publish_empty, metrics_interval_s=new.metrics_interval_s)
         if any(within(name, "topics") for name in changed):
-            pipeline.transport.topics = Topics.for_thing(new.topics, new.thing_name)
+            pipeline.transport.retarget(Topics.for_thing(new.topics, new.thing_name))
             self._subscribe_commands()
         if changed & MODEL_UPDATE:
             self._start_model_update(new)
         if any(within(name, "source") for name in changed):
-            pipeline.source.close()
-            pipeline.source = open_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
+            pipeline.replace_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
         later = sorted(name for name in changed if not any(within(name, section) for section in LIVE))
         if later:
             log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
@@ -204,10 +196,8 @@ class NucleusHost(Host):
     def _start_model_update(self, settings: Settings) -> None:
         """The update manager verifies, validates, swaps and watches the new model on its own thread,
         while frames keep flowing; its outcome is reported between two frames."""
-        model = settings.model
-        self._updates.trusted_keys = list(model.trusted_keys)
-        self._updates.backend, self._updates.num_threads = model.backend, model.num_threads
-        self._loading.append(self._loader.submit(self._updates.apply_bundle, model.bundle))
+        self._updates.configure(settings.model, settings.tasks)
+        self._loading.append(self._loader.submit(self._updates.apply_bundle, settings.model.bundle))
 
     def _report_model_update(self, outcome: Outcome) -> None:
         pipeline = self._pipeline

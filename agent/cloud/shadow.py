@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import Any
 
 from awscrt import mqtt5, mqtt_request_response
@@ -44,23 +43,6 @@ class DesiredSettings(BaseModel):
     rate: float | None = Field(None, gt=0.0, le=120.0, description="most frames processed per second")
 
 
-class FrameRateCap:
-    """Between frames: hold the pipeline to at most `fps` frames per second (a live source drops the rest)."""
-
-    def __init__(self):
-        self.fps: float | None = None
-        self._next = time.monotonic()
-
-    def __call__(self) -> None:
-        fps = self.fps
-        if not fps:
-            return
-        delay = self._next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self._next = max(self._next + 1.0 / fps, time.monotonic())
-
-
 class DeviceShadow:
     """Keeps the thing's classic shadow in step with the agent, on its own worker thread."""
 
@@ -68,8 +50,7 @@ class DeviceShadow:
         self.thing_name = thing_name
         self.pipeline = pipeline
         self.timeout_s = timeout_s
-        self.rate = FrameRateCap()
-        pipeline.between_frames.append(self.rate)
+        self.applied: dict[str, float] = {}  # desired values this shadow has told the pipeline to use
         self.update: dict[str, str | None] = {"job": None, "status": None, "reason": None}
         self.desired_error: str | None = None
         options = mqtt_request_response.ClientOptions(max_request_response_subscriptions=2, max_streaming_subscriptions=1, operation_timeout_in_seconds=timeout_s)
@@ -137,9 +118,11 @@ class DeviceShadow:
             return
         self.desired_error = None
         if wanted.threshold is not None:
-            self.pipeline.score_threshold = wanted.threshold  # one float assignment: the next frame uses it
+            self.applied["threshold"] = wanted.threshold
+            self.pipeline.tune(score_threshold=wanted.threshold)  # from the next frame on
         if wanted.rate is not None:
-            self.rate.fps = wanted.rate
+            self.applied["rate"] = wanted.rate
+            self.pipeline.tune(max_fps=wanted.rate)
 
     def reported(self) -> dict[str, Any]:
         model = self.pipeline.slot.active.ref
@@ -147,11 +130,11 @@ class DeviceShadow:
             "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
             "update": self.update,
             "agent": {"version": __version__},
-            "threshold": self.pipeline.score_threshold,
+            "threshold": self.applied.get("threshold", self.pipeline.tuning.score_threshold),
             "desired_error": self.desired_error,  # None deletes it from the shadow
         }
-        if self.rate.fps is not None:
-            state["rate"] = self.rate.fps
+        if "rate" in self.applied:
+            state["rate"] = self.applied["rate"]
         return state
 
     def _report(self) -> None:

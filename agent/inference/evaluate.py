@@ -10,17 +10,14 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel
 
-from agent.bundles.bundle import MAX_BUNDLE_BYTES
 from agent.errors import ModelError
-from agent.inference.runtime import Runtime
-
-if TYPE_CHECKING:
-    from agent.inference.model import LoadedModel
+from agent.inference.model import LoadedModel, load_model
+from agent.inference.tasks.mnist_digits import MnistDigitsTask
+from agent.settings import ModelSettings, TaskSettings
 
 MNIST_PATH = Path(__file__).resolve().parents[2] / "models" / "mnist" / "data" / "mnist.npz"
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -45,16 +42,15 @@ def accuracy(classify: Callable[[np.ndarray], np.ndarray], images: np.ndarray, l
     return float(np.mean(np.argmax(scores, axis=1) == labels))
 
 
-def invoke_latency_us(runtime: Runtime, image: np.ndarray, repeats: int = 3000, warmup: int = 200) -> tuple[float, float]:
-    """p50 and p99 of one invoke (set input, invoke, get output) of one preprocessed uint8 image, in us."""
-    quantized = runtime.input.quantize((image.astype(np.float32) / 255.0).reshape(runtime.input.shape))
+def invoke_latency_us(run: Callable[[list[np.ndarray]], list[np.ndarray]], inputs: list[np.ndarray], repeats: int = 3000, warmup: int = 200) -> tuple[float, float]:
+    """p50 and p99 of one invoke (set inputs, invoke, get outputs) through a backend's `run`, in us."""
     for _ in range(warmup):
-        runtime.invoke(quantized)
+        run(inputs)
     times = np.empty(repeats)
     clock = time.perf_counter_ns
     for i in range(repeats):
         start = clock()
-        runtime.invoke(quantized)
+        run(inputs)
         times[i] = clock() - start
     p50, p99 = np.percentile(times, [50, 99]) / 1000.0
     return float(p50), float(p99)
@@ -66,7 +62,7 @@ class Evaluation(BaseModel):
     model: str
     version: str
     backend: str
-    num_threads: int
+    device: str
     test_images: int
     test_accuracy: float
     recorded_int8_accuracy: float
@@ -78,40 +74,30 @@ class Evaluation(BaseModel):
 
 
 def evaluate(model: LoadedModel, mnist_path: Path = MNIST_PATH, repeats: int = 3000) -> Evaluation:
-    """Evaluate a LoadedModel (agent.inference.model) on the MNIST test set, its golden set, and for latency."""
+    """Evaluate an MNIST digits model on the MNIST test set, its golden set, and for latency."""
+    if not isinstance(model.task, MnistDigitsTask):
+        raise ModelError(f"{model.bundle.root}: `model eval` measures MNIST digit models and this one is {model.manifest.task_id}; use `edge-agent bench`")
     mnist = load_mnist(mnist_path)
     manifest = model.manifest
-    p50, p99 = invoke_latency_us(model.runtime, mnist["x_test"][0], repeats=repeats)
+    run = model.backend.run
+    first = mnist["x_test"][:1].astype(np.float32) / 255.0
+    p50, p99 = invoke_latency_us(run, [model.backend.inputs[0].quantize(first.reshape(model.backend.inputs[0].shape))], repeats=repeats)
     return Evaluation(
         model=manifest.name,
         version=manifest.version,
-        backend=model.runtime.backend,
-        num_threads=model.num_threads,
+        backend=model.backend.name,
+        device=model.backend.device,
         test_images=len(mnist["y_test"]),
-        test_accuracy=accuracy(model.classify, mnist["x_test"], mnist["y_test"]),
+        test_accuracy=accuracy(lambda images: model.task.classify(run, images), mnist["x_test"], mnist["y_test"]),
         recorded_int8_accuracy=manifest.metrics.int8_accuracy,
         golden_images=len(model.bundle.golden_y),
-        golden_accuracy=model.golden_accuracy(),
+        golden_accuracy=model.golden().value,
         min_golden_accuracy=manifest.min_golden_accuracy,
         invoke_p50_us=p50,
         invoke_p99_us=p99,
     )
 
 
-def evaluate_bundle(
-    bundle_path: Path,
-    *,
-    trusted_keys,
-    require_signature: bool = True,
-    backend: str = "auto",
-    num_threads: int = 1,
-    max_bytes: int = MAX_BUNDLE_BYTES,
-    mnist_path: Path = MNIST_PATH,
-) -> dict:
+def evaluate_bundle(bundle_path: Path, settings: ModelSettings, tasks: TaskSettings, mnist_path: Path = MNIST_PATH) -> dict:
     """`edge-agent model eval`: load a bundle the way the agent does, then evaluate it (JSON-ready dict)."""
-    from agent.inference.model import (
-        load_model,  # agent.inference.model uses `accuracy` from here, so import on use
-    )
-
-    model = load_model(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature, backend=backend, num_threads=num_threads, max_bytes=max_bytes)
-    return evaluate(model, mnist_path).model_dump()
+    return evaluate(load_model(bundle_path, settings, tasks), mnist_path).model_dump()

@@ -1,83 +1,101 @@
-"""The model the agent serves: a verified bundle plus a runtime whose real tensors match its manifest.
+"""The model the agent serves: a verified bundle, the backend running its model file, and the task it serves.
 
-`load_model` is the only way the agent gets a model, so nothing runs that was not signed, hashed and
-checked against what its manifest promises.
+`load_model` is the only way anything gets a model (the agent, updates, the watchdog, `model eval`, bench),
+so nothing runs that was not signed, hashed and checked against what its manifest promises. Every refusal is
+a ModelError carrying the reason code of the step that refused it.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from agent.bundles.bundle import MAX_BUNDLE_BYTES, Bundle, OutputSpec, open_bundle
-from agent.errors import ModelError
-from agent.inference.evaluate import accuracy
-from agent.inference.runtime import BackendName, Runtime, TensorSpec
+from agent.bundles.bundle import MODEL_FILE, Bundle, open_bundle
+from agent.errors import ModelError, Reason
+from agent.inference.backends import Backend, open_backend
+from agent.inference.tasks import task_class
+from agent.inference.tasks.base import GoldenScore, Task
+from agent.messages import ModelRef, Prediction
+from agent.settings import ModelSettings, TaskSettings
 
 
-def _check_spec(name: str, claimed: OutputSpec, real: TensorSpec, where: str) -> None:
-    same = (
-        tuple(claimed.shape) == real.shape
-        and claimed.dtype == real.dtype
-        and math.isclose(claimed.scale, real.scale, rel_tol=1e-6, abs_tol=1e-12)
-        and claimed.zero_point == real.zero_point
-    )
-    if not same:
-        said = f"{claimed.dtype}{list(claimed.shape)} scale {claimed.scale:g} zero point {claimed.zero_point}"
-        has = f"{real.dtype}{list(real.shape)} scale {real.scale:g} zero point {real.zero_point}"
-        raise ModelError(f"{where}: model {name} tensor is {has} but the manifest says {said}; re-pack the bundle from this model")
+@dataclass(frozen=True)
+class Inference:
+    """One frame's predictions and the time each half took."""
+
+    predictions: list[Prediction]
+    prepare_s: float
+    run_s: float
 
 
 @dataclass
 class LoadedModel:
-    """A checked bundle and the runtime running its model."""
+    """A checked bundle, the backend running its model, and the task turning frames into predictions."""
 
     bundle: Bundle
-    runtime: Runtime
-    num_threads: int
+    backend: Backend
+    task: Task
+    settings: ModelSettings
+    task_settings: TaskSettings
 
     @property
     def manifest(self):
         return self.bundle.manifest
 
-    def classify(self, images: np.ndarray) -> np.ndarray:
-        """Float images in [0, 1] (already preprocessed) -> scores (N, len(labels))."""
-        return self.runtime.classify(images)
+    @cached_property
+    def ref(self) -> ModelRef:
+        manifest = self.bundle.manifest
+        return ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files[MODEL_FILE], backend=self.backend.name, device=self.backend.device)
 
-    def golden_accuracy(self) -> float:
-        """Fraction of the bundle's golden set this model gets right, here, on this runtime."""
-        return accuracy(self.classify, self.bundle.golden_x, self.bundle.golden_y)
+    def infer(self, image: np.ndarray, score_threshold: float) -> Inference:
+        """One frame through the task and the backend."""
+        start = time.perf_counter()
+        prepared = self.task.prepare(image)
+        prepared_at = time.perf_counter()
+        outputs = [self.backend.run(inputs) for inputs in prepared.invokes]
+        predictions = self.task.predictions(prepared, outputs, score_threshold)
+        return Inference(predictions, prepared_at - start, time.perf_counter() - prepared_at)
 
-    def check_golden(self) -> float:
-        """Golden accuracy, or a ModelError if it is below the bundle's own minimum (do not serve it)."""
-        accuracy = self.golden_accuracy()
-        if accuracy < self.manifest.min_golden_accuracy:
+    def golden(self) -> GoldenScore:
+        """How this model does on its golden set, here, on this backend."""
+        return self.task.golden(self.backend.run)
+
+    def check_golden(self) -> GoldenScore:
+        """The golden score, or a ModelError (GOLDEN_ACCURACY) when it is below the bundle's own minimum."""
+        score = self.golden()
+        if not score.passed:
             raise ModelError(
-                f"{self.bundle.root}: golden accuracy {accuracy:.4f} is below the bundle's minimum "
-                f"{self.manifest.min_golden_accuracy:.4f}; this model is not fit to serve on this device"
+                f"{self.bundle.root}: golden {score.metric} {score.value:.4f} is below the bundle's minimum "
+                f"{score.minimum:.4f}; this model is not fit to serve on this device",
+                Reason.GOLDEN_ACCURACY,
             )
-        return accuracy
+        return score
+
+    def reloaded(self) -> LoadedModel:
+        """The same bundle and task on a fresh backend (the watchdog's cure for an inference stage that hangs)."""
+        backend = open_backend(self.bundle.root, self.bundle.manifest.files, self.settings.backend)
+        return LoadedModel(self.bundle, backend, self.task, self.settings, self.task_settings)
 
 
-def load_model(
-    bundle_path: Path,
-    *,
-    trusted_keys: Sequence[Path],
-    require_signature: bool = True,
-    backend: BackendName = "auto",
-    num_threads: int = 1,
-    max_bytes: int = MAX_BUNDLE_BYTES,
-) -> LoadedModel:
-    """Open and verify a bundle, load its model, and check the real tensors against the manifest."""
-    bundle = open_bundle(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature, max_bytes=max_bytes)
-    runtime = Runtime(bundle.model_path, backend=backend, num_threads=num_threads)
-    where = str(bundle_path)
-    _check_spec("input", bundle.manifest.input, runtime.input, where)
-    _check_spec("output", bundle.manifest.output, runtime.output, where)
-    if runtime.output.shape[-1] != len(bundle.labels):
-        raise ModelError(f"{where}: model has {runtime.output.shape[-1]} outputs but the manifest has {len(bundle.labels)} labels; re-pack the bundle")
-    return LoadedModel(bundle=bundle, runtime=runtime, num_threads=num_threads)
+def load_model(path: Path, settings: ModelSettings, task_settings: TaskSettings) -> LoadedModel:
+    """Open and verify a bundle, run its model file on the configured backend, and build its task (which
+    checks the real tensors against the manifest). Every refusal is a ModelError with its reason code."""
+    bundle = open_bundle(
+        path,
+        trusted_keys=settings.trusted_keys,
+        require_signature=settings.require_signature,
+        max_bytes=settings.max_bundle_bytes,
+    )
+    manifest = bundle.manifest
+    task_type = task_class(manifest.task_id)
+    backend = open_backend(bundle.root, manifest.files, settings.backend)
+    try:
+        task = task_type(bundle, backend.inputs, backend.outputs, getattr(task_settings, manifest.task_id.replace("-", "_"), None))
+    except BaseException:
+        backend.close()
+        raise
+    return LoadedModel(bundle, backend, task, settings, task_settings)

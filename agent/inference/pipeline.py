@@ -1,40 +1,44 @@
-"""The loop: source -> preprocess -> model -> postprocess -> transport, and its statistics.
+"""The loop: source -> task.prepare -> backend.run -> task.predictions -> transport, and its statistics.
 
-One direction, one thread. The model lives in a `ModelSlot` that the update manager swaps between two
-frames (a reference assignment), so a swap never drops or splits a frame.
+One direction, one thread. Everything that changes a running pipeline goes through its control surface
+(`tune`, `replace_source`, `restart_source`, `reload_model`, the slot's swap): changes are queued and applied
+on the pipeline thread between two frames, so a frame never sees half of one, and nobody assigns the
+pipeline's fields from outside.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from agent import __version__
-from agent.inference.model import LoadedModel
-from agent.inference.tasks.registry import Preprocessor, preprocessor_for
+from agent.errors import SourceError
+from agent.inference.slot import ModelSlot
 from agent.messages import (
-    Box,
     InferenceResult,
     MetricsMessage,
-    ModelRef,
-    Prediction,
     SequenceCounter,
     StageLatency,
     StatusMessage,
 )
-from agent.sources import Frame, FrameSource
+from agent.settings import SourceSettings
+from agent.sources import Frame, FrameSource, LiveSource, open_source
+from agent.sources.restartable import RestartableSource
 from agent.transport.base import Transport
 
 LATENCY_WINDOW = 1000  # frames kept for p50/p99
 
 
 class FrameObserver(Protocol):
-    """Something that watches the pipeline (live view, Prometheus metrics, watchdog).
+    """Something that watches the pipeline (live view, Prometheus metrics, watchdog, an update's health window).
 
     Called on the pipeline thread after every frame: it must only store references or bump counters,
     never encode, block or do I/O there.
@@ -44,40 +48,13 @@ class FrameObserver(Protocol):
 
 
 @dataclass(frozen=True)
-class ActiveModel:
-    """A model together with the preprocessing its manifest asks for."""
+class Tuning:
+    """What a running pipeline may be told to change between frames (Greengrass configuration, the shadow)."""
 
-    model: LoadedModel
-    preprocessor: Preprocessor
-    ref: ModelRef
-
-
-class ModelSlot:
-    """Holds the model in use. `swap` is atomic from the pipeline's point of view: a frame sees one model."""
-
-    def __init__(self, model: LoadedModel, vision_settings):
-        self._vision_settings = vision_settings
-        self._active = self._activate(model)
-        self._lock = threading.Lock()
-
-    def _activate(self, model: LoadedModel) -> ActiveModel:
-        manifest = model.bundle.manifest
-        return ActiveModel(
-            model=model,
-            preprocessor=preprocessor_for(manifest.input.preprocessing, model.runtime.input.shape, self._vision_settings),
-            ref=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files["model.tflite"]),
-        )
-
-    @property
-    def active(self) -> ActiveModel:
-        return self._active
-
-    def swap(self, model: LoadedModel) -> ActiveModel:
-        """Put `model` in service from the next frame on; returns the one it replaced."""
-        replacement = self._activate(model)
-        with self._lock:
-            previous, self._active = self._active, replacement
-        return previous
+    score_threshold: float = 0.5
+    publish_empty: bool = False
+    metrics_interval_s: float = 60.0
+    max_fps: float | None = None  # at most this many frames a second (a live source drops the rest)
 
 
 @dataclass
@@ -92,50 +69,138 @@ class PipelineStats:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
 
 
+class FrameRateCap:
+    """Holds the loop to at most `fps` frames a second, on a fixed grid (a slow frame is caught up)."""
+
+    def __init__(self):
+        self._next = time.monotonic()
+
+    def wait(self, fps: float | None) -> None:
+        if not fps:
+            return
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next = max(self._next + 1.0 / fps, time.monotonic())
+
+
+def restartable(source: FrameSource, reopen: Callable[[], FrameSource]) -> FrameSource:
+    """A live source wrapped so the watchdog can reopen it in place; anything else as it is."""
+    return RestartableSource(source, reopen) if isinstance(source, LiveSource) else source
+
+
 class Pipeline:
     def __init__(
         self,
-        source: FrameSource,
+        source_settings: SourceSettings,
         slot: ModelSlot,
         transport: Transport,
         sequence: SequenceCounter,
+        tuning: Tuning = Tuning(),
         *,
-        score_threshold: float,
-        publish_empty: bool = False,
-        metrics_interval_s: float = 60.0,
+        source: FrameSource | None = None,
     ):
-        self.source = source
+        """`source` overrides `source_settings` for callers that bring their own frames (infer, bench)."""
+        self._source_settings = source_settings
+        self._source = restartable(source or open_source(source_settings), self._reopen_source)
         self.slot = slot
         self.transport = transport
         self.sequence = sequence
-        self.score_threshold = score_threshold
-        self.publish_empty = publish_empty
-        self.metrics_interval_s = metrics_interval_s
+        self._tuning = tuning
         self.stats = PipelineStats()
-        self.observers: list[FrameObserver] = []
-        # Told every model update's outcome (agent.bundles.updates.Outcome); the pipeline only carries the list, so
-        # the update manager (built by the host) and the metrics (built around the run) can meet.
-        self.update_listeners: list = []
+        self._observers: list[FrameObserver] = []
+        self._update_listeners: list[Callable] = []
+        self._between_frames: list[Callable[[], None]] = []
+        self._changes: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._rate = FrameRateCap()
         self._announced: tuple[str, str | None] = ("online", None)
         self._dropped_reported = 0
-        # Called on the pipeline thread before each frame is read: where live changes (settings from the
-        # Greengrass nucleus, a model swap) are applied, so a frame never sees half of one.
-        self.between_frames: list[Callable[[], None]] = []
         self._stop = threading.Event()
 
+    # -- read-only views ------------------------------------------------------------------------------
+
+    @property
+    def source(self) -> FrameSource:
+        return self._source
+
+    @property
+    def tuning(self) -> Tuning:
+        return self._tuning
+
+    # -- the control surface (any thread) -------------------------------------------------------------
+
+    def tune(self, **changes) -> None:
+        """Change threshold, publish_empty, metrics interval or frame-rate cap from the next frame on."""
+        self._changes.put(lambda: setattr(self, "_tuning", dataclasses.replace(self._tuning, **changes)))
+
+    def replace_source(self, settings: SourceSettings) -> None:
+        """Open the source `settings` name between two frames and close the old one; the watchdog reopens
+        this one from then on. A source that cannot be opened stops the loop with its SourceError."""
+
+        def replace() -> None:
+            fresh = restartable(open_source(settings), self._reopen_source)
+            old, self._source, self._source_settings = self._source, fresh, settings
+            old.close()
+
+        self._changes.put(replace)
+
+    def restart_source(self) -> None:
+        """From the watchdog's thread while the loop may be blocked reading: reopen the current source in
+        place (the settings it was last opened from). SourceError when it is not a live source."""
+        source = self._source
+        if not isinstance(source, RestartableSource):
+            raise SourceError(f"source {source.name}: cannot be restarted in place; restart the agent")
+        source.restart()
+
+    def reload_model(self) -> None:
+        """Put the model in use on a fresh backend (the watchdog's cure for a hung inference stage)."""
+        self.slot.swap(self.slot.active.reloaded())
+
+    def add_observer(self, observer: FrameObserver) -> None:
+        self._observers.append(observer)
+
+    def between_frames(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the pipeline thread before every frame (where a host applies what it was sent)."""
+        self._between_frames.append(callback)
+
+    def add_update_listener(self, listener: Callable) -> None:
+        """Told every model update's outcome (agent.bundles.updates.Outcome) through `report_update`."""
+        self._update_listeners.append(listener)
+
+    def report_update(self, outcome) -> None:
+        for listener in self._update_listeners:
+            listener(outcome)
+
+    def stop(self) -> None:
+        """Ask the loop to finish after the current frame (safe from signal handlers and other threads)."""
+        self._stop.set()
+        self._source.interrupt()
+
+    # -- the pipeline thread --------------------------------------------------------------------------
+
+    def _reopen_source(self) -> FrameSource:
+        return open_source(self._source_settings)
+
+    def _apply_changes(self) -> None:
+        """Hosts first (what they apply may queue changes), then every queued change, before the next frame."""
+        for callback in self._between_frames:
+            callback()
+        while True:
+            try:
+                change = self._changes.get_nowait()
+            except queue.Empty:
+                break
+            change()
+
     def process(self, frame: Frame) -> InferenceResult | None:
-        """One frame through preprocess -> model -> postprocess; None when there is nothing to publish.
+        """One frame through the model; None when there is nothing to publish.
 
         The sequence number is taken only for a result that will be published, so receivers see no false gaps.
         """
-        active = self.slot.active
+        model = self.slot.active
         start = time.perf_counter()
-        found = active.preprocessor.find(frame.image)
-        found_at = time.perf_counter()
-        scores = active.model.runtime.classify(found.images) if len(found) else np.empty((0, 0), np.float32)
-        classified_at = time.perf_counter()
-        predictions = self._predictions(scores, found.boxes, active.model.bundle.labels)
-        if not predictions and not self.publish_empty:
+        inference = model.infer(frame.image, self._tuning.score_threshold)
+        if not inference.predictions and not self._tuning.publish_empty:
             self._notify(frame, None, self._record(start))
             return None
         result = InferenceResult(
@@ -143,19 +208,15 @@ class Pipeline:
             source=frame.source,
             frame=frame.index,
             captured_at=frame.captured_at,
-            model=active.ref,
-            predictions=predictions,
-            latency=StageLatency(
-                find_ms=(found_at - start) * 1e3,
-                classify_ms=(classified_at - found_at) * 1e3,
-                total_ms=(time.perf_counter() - start) * 1e3,
-            ),
+            model=model.ref,
+            predictions=inference.predictions,
+            latency=StageLatency(find_ms=inference.prepare_s * 1e3, classify_ms=inference.run_s * 1e3, total_ms=(time.perf_counter() - start) * 1e3),
         )
         self._notify(frame, result, self._record(start))
         return result
 
     def _notify(self, frame: Frame, result: InferenceResult | None, latency_ms: float) -> None:
-        for observer in self.observers:
+        for observer in self._observers:
             observer.on_frame(frame, result, latency_ms)
 
     def _record(self, start: float) -> float:
@@ -163,21 +224,6 @@ class Pipeline:
         self.stats.frames += 1
         self.stats.latencies_ms.append(latency_ms)
         return latency_ms
-
-    def _predictions(self, scores: np.ndarray, boxes: np.ndarray, labels: list[str]) -> list[Prediction]:
-        predictions = []
-        for row, (x, y, w, h) in zip(scores, boxes):
-            best = int(np.argmax(row))
-            score = float(row[best])
-            if score >= self.score_threshold:
-                box = Box(x=int(x), y=int(y), w=int(w), h=int(h))
-                predictions.append(Prediction(label=labels[best], class_index=best, score=min(score, 1.0), box=box))
-        return predictions
-
-    def stop(self) -> None:
-        """Ask the loop to finish after the current frame (safe from signal handlers and other threads)."""
-        self._stop.set()
-        self.source.interrupt()
 
     def status(self, state: str, reason: str | None = None) -> StatusMessage:
         """A status message; the state and reason are remembered, so a later drop report repeats them."""
@@ -188,10 +234,11 @@ class Pipeline:
 
     def metrics(self, interval_s: float, transport_queued: int = 0, transport_dropped: int = 0) -> MetricsMessage:
         elapsed = max(time.monotonic() - self.stats.started_monotonic, 1e-9)
-        source = self.source.stats
+        source = self._source.stats
         return MetricsMessage(
             **self.sequence.envelope(),
             interval_s=interval_s,
+            model=self.slot.active.ref,
             frames_read=source.read,
             frames_dropped=source.dropped,
             frames_corrupt=source.corrupt,
@@ -205,11 +252,11 @@ class Pipeline:
 
     def run(self, max_frames: int | None = None) -> PipelineStats:
         """Process frames until the source ends, `max_frames` is reached, or `stop()` is called."""
-        next_metrics = time.monotonic() + self.metrics_interval_s
+        next_metrics = time.monotonic() + self._tuning.metrics_interval_s
         while not self._stop.is_set() and (max_frames is None or self.stats.frames < max_frames):
-            for apply_changes in self.between_frames:
-                apply_changes()
-            frame = self.source.read()
+            self._apply_changes()
+            self._rate.wait(self._tuning.max_fps)
+            frame = self._source.read()
             if frame is None:
                 break
             result = self.process(frame)
@@ -218,9 +265,12 @@ class Pipeline:
                 self.stats.results += 1
                 self.stats.predictions += len(result.predictions)
             if time.monotonic() >= next_metrics:
-                transport = self.transport.stats()
-                self.transport.publish(self.metrics(self.metrics_interval_s, transport.queued, transport.dropped))
-                if transport.dropped > self._dropped_reported:  # the retained status says so too
-                    self.transport.publish(self.status(*self._announced))
-                next_metrics += self.metrics_interval_s
+                self._publish_metrics()
+                next_metrics += self._tuning.metrics_interval_s
         return self.stats
+
+    def _publish_metrics(self) -> None:
+        transport = self.transport.stats()
+        self.transport.publish(self.metrics(self._tuning.metrics_interval_s, transport.queued, transport.dropped))
+        if transport.dropped > self._dropped_reported:  # the retained status says so too
+            self.transport.publish(self.status(*self._announced))

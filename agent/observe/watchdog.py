@@ -18,61 +18,13 @@ import threading
 import time
 from typing import Callable
 
-from agent.errors import AgentError, SourceError
-from agent.inference.model import LoadedModel
-from agent.inference.pipeline import ModelSlot, Pipeline
-from agent.inference.runtime import Runtime
+from agent.errors import AgentError
+from agent.inference.pipeline import Pipeline
 from agent.observe.metrics import Health, Metrics
 from agent.settings import WatchdogSettings
-from agent.sources import Frame, FrameSource, LiveSource
+from agent.sources import Frame
 
 log = logging.getLogger(__name__)
-
-
-class RestartableSource(FrameSource):
-    """A live source the watchdog can replace while the pipeline is blocked reading it.
-
-    The replacement counts into the same stats, so counters never go backwards.
-    """
-
-    def __init__(self, source: FrameSource, reopen: Callable[[], FrameSource]):
-        super().__init__(source.name)
-        self.stats = source.stats
-        self._source = source
-        self._reopen = reopen
-        self._closed = False
-
-    def read(self) -> Frame | None:
-        while True:
-            source = self._source
-            frame = source.read()
-            if frame is not None or self._closed or source is self._source:
-                return frame
-            # The watchdog replaced the source this read was blocked on: read from the new one.
-
-    def restart(self) -> None:
-        """Open a fresh source (SourceError if it cannot be opened) and close the stuck one."""
-        fresh = self._reopen()
-        fresh.stats = self.stats
-        stuck, self._source = self._source, fresh
-        stuck.close()
-        if self._closed:  # the agent stopped while the fresh source was opening
-            fresh.close()
-
-    def interrupt(self) -> None:
-        self._closed = True
-        self._source.interrupt()
-
-    def close(self) -> None:
-        self._closed = True
-        self._source.close()
-
-
-def fresh_interpreter(slot: ModelSlot) -> None:
-    """Put a new interpreter for the model in use into the slot: the next frame runs on it."""
-    model = slot.active.model
-    runtime = Runtime(model.bundle.model_path, backend=model.runtime.backend, num_threads=model.num_threads)
-    slot.swap(LoadedModel(bundle=model.bundle, runtime=runtime, num_threads=model.num_threads))
 
 
 class Watchdog:
@@ -161,31 +113,20 @@ class Watchdog:
             self._thread.join(timeout=10)
 
 
-def restart_source(pipeline: Pipeline) -> None:
-    """Replace the pipeline's source with a freshly opened one, if it is one that can be (a live source)."""
-    source = pipeline.source
-    if not isinstance(source, RestartableSource):
-        raise SourceError(f"source {source.name}: cannot be restarted in place; restart the agent")
-    source.restart()
-
-
 def supervise(
     pipeline: Pipeline,
     settings: WatchdogSettings,
     health: Health,
     metrics: Metrics,
-    reopen_source: Callable[[], FrameSource],
     on_errored: Callable[[str], None] | None = None,
     on_health: Callable[[bool, str], None] | None = None,
 ) -> Watchdog:
-    """Watch `pipeline` (a live source becomes restartable) and start watching; close() the result to stop.
+    """Watch `pipeline` and start watching; close() the result to stop.
 
-    Restarts act on whatever source and model slot the pipeline has at that moment, so a source or
-    model replaced since (a configuration update) is the one restarted.
+    Restarts go through the pipeline's own controls, so a source or model replaced since start (a
+    configuration update) is the one restarted.
     """
-    if isinstance(pipeline.source, LiveSource):
-        pipeline.source = RestartableSource(pipeline.source, reopen_source)
-    restart = {"source": lambda: restart_source(pipeline), "inference": lambda: fresh_interpreter(pipeline.slot)}
+    restart = {"source": pipeline.restart_source, "inference": pipeline.reload_model}
     watchdog = Watchdog(pipeline, settings, health, metrics, restart, on_errored, on_health)
-    pipeline.observers.append(watchdog)
+    pipeline.add_observer(watchdog)
     return watchdog.start()

@@ -128,6 +128,10 @@ class SpooledTransport(Transport):
 
     # -- pipeline side ------------------------------------------------------------------------------
 
+    def retarget(self, topics: Topics) -> None:
+        """Publish to these topics from now on (a live configuration change); messages already spooled keep theirs."""
+        self.topics = topics
+
     def start(self, online: StatusMessage) -> None:
         self.link.connect(self.connect_timeout_s)
         self.announce(online)

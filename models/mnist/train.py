@@ -19,12 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundles.bundle import GOLDEN_FILE, LABELS_FILE, MANIFEST, MODEL_FILE, SIGNATURE
-from agent.errors import AgentError
-from agent.inference.evaluate import MNIST_PATH, accuracy, invoke_latency_us, load_mnist
-from agent.fleet.packing import sign_bundle, write_manifest
-from agent.inference.runtime import Runtime
+from agent.bundles.bundle import (
+    GOLDEN_FILE,
+    LABELS_FILE,
+    MANIFEST,
+    MODEL_FILE,
+    SIGNATURE,
+)
 from agent.bundles.signing import DEFAULT_PRIVATE_KEY
+from agent.errors import AgentError
+from agent.fleet.packing import sign_bundle, write_manifest
+from agent.inference.backends.litert import LiteRtBackend
+from agent.inference.evaluate import MNIST_PATH, accuracy, invoke_latency_us, load_mnist
+from agent.inference.tasks.mnist_digits import classify_digits, quantize_digits
 from models.mnist.augment import augment_epoch
 
 PROGRAM_DIR = Path(__file__).resolve().parent
@@ -122,18 +129,20 @@ def build_bundle(args: argparse.Namespace) -> None:
     golden = golden_indices(y_test, args.golden_per_class, args.seed)
     np.savez_compressed(out / GOLDEN_FILE, x=x_test[golden], y=y_test[golden])
 
-    runtime = Runtime(out / MODEL_FILE, backend="litert", num_threads=1)
-    int8_accuracy = accuracy(runtime.classify, x_test, y_test)
-    golden_accuracy = accuracy(runtime.classify, x_test[golden], y_test[golden])
-    p50, p99 = invoke_latency_us(runtime, x_test[0])
+    backend = LiteRtBackend(out / MODEL_FILE, None)
+    spec_in, spec_out = backend.inputs[0], backend.outputs[0]
+    classify = lambda images: classify_digits(backend.run, spec_in, spec_out, images)  # noqa: E731
+    int8_accuracy = accuracy(classify, x_test, y_test)
+    golden_accuracy = accuracy(classify, x_test[golden], y_test[golden])
+    p50, p99 = invoke_latency_us(backend.run, [quantize_digits(spec_in, x_test[:1] / 255.0)])
     size = (out / MODEL_FILE).stat().st_size
     manifest = write_manifest(out, {
         "schema_version": 1,
         "name": args.name,
         "version": args.version,
         "task": "classification",
-        "input": {**_tensor(runtime.input), "layout": "NHWC", "colour": "gray", "preprocessing": "mnist-digits"},
-        "output": _tensor(runtime.output),
+        "input": {**_tensor(spec_in), "layout": "NHWC", "colour": "gray", "preprocessing": "mnist-digits"},
+        "output": _tensor(spec_out),
         "labels": LABELS,
         "metrics": {"float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy, "size_bytes": size, "invoke_p50_us": round(p50, 1)},
         "min_golden_accuracy": round(np.floor((golden_accuracy - args.golden_margin) * 100) / 100, 2),
