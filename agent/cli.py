@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from agent import __version__
+from agent.command_line import Parser
 from agent.errors import AgentError
 
 # Everyday flags of `run`, `infer` and `bench`: flag -> (settings key path, argparse options, help).
@@ -40,13 +41,6 @@ SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "--allow-unsigned": (("model", "require_signature"), False, "accept models without a trusted signature (development only)"),
     "--liveview": (("liveview", "enabled"), True, "serve the annotated live view, /metrics and /healthz on 127.0.0.1"),
 }
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and exit 2) like every other error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _dest(flag: str) -> str:

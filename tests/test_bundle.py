@@ -155,17 +155,21 @@ def test_real_tensors_disagree_with_manifest(tmp_path, test_key, edit, match):
     refused(match, load_model, bundle, ModelSettings(trusted_keys=[test_key[1]]), TaskSettings(), reason=Reason.TENSOR_MISMATCH)
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("task", "detection", "unknown task 'detection'"),
-    ("preprocessing", "coco-letterbox", "unknown preprocessing id 'coco-letterbox'"),
-])
-def test_unknown_task_or_preprocessing_id(tmp_path, test_key, field, value, match):
+def test_unknown_manifest_task_is_refused_when_the_bundle_is_opened(tmp_path, test_key):
     bundle = copy_bundle(tmp_path / "b")
     raw = json.loads((bundle / "manifest.json").read_text())
-    (raw if field == "task" else raw["input"])[field] = value
+    raw["task"] = "detection"
     write_signed_raw(bundle, raw, test_key[0])
-    message = refused(match, open_bundle, bundle, trusted_keys=[test_key[1]])
-    assert value in message
+    refused("unknown task 'detection'", open_bundle, bundle, trusted_keys=[test_key[1]], reason=Reason.INVALID_BUNDLE)
+
+
+def test_a_task_this_agent_does_not_know_is_refused_when_the_model_is_loaded(tmp_path, test_key):
+    bundle = copy_bundle(tmp_path / "b")
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["input"]["preprocessing"] = "coco-letterbox"
+    write_signed_raw(bundle, raw, test_key[0])
+    message = refused("task 'coco-letterbox', which this agent does not know", load_model, bundle, ModelSettings(trusted_keys=[test_key[1]]), TaskSettings())
+    assert "mnist-digits" in message
 
 
 def test_listed_file_missing_and_unlisted_file_present(tmp_path, test_key):

@@ -20,8 +20,8 @@ from bundle_helpers import make_bundle, other_key, test_key  # noqa: F401 (fixtu
 from conftest import REPO, agent_env, one_line_error, run_cli
 
 from agent.bundles.bundle import open_bundle, sha256_file
+from agent.bundles.document import document_signed_bytes, parse_update
 from agent.bundles.signing import verify
-from agent.bundles.updates import document_signed_bytes, parse_update
 from agent.settings import load_settings
 
 ROLE = "arn:aws:iam::123456789012:role/edge-presign"

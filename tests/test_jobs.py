@@ -21,10 +21,11 @@ from update_helpers import (  # noqa: F401 (fixtures)
     serving,
 )
 
-from agent.bundles.updates import Reason, Stage
 from agent.cloud.jobs import JobRunner
+from agent.errors import Reason
 from agent.settings import MqttSettings
 from agent.transport.mqtt import MqttLink
+from agent.updates.manager import Stage
 
 THING = "jobs-thing"
 

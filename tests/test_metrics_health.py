@@ -199,6 +199,36 @@ def test_watchdog_restarts_a_frozen_camera(camera):
         running.close()
 
 
+class SourcesSeen:
+    """An observer noting which source each frame came from."""
+
+    def __init__(self):
+        self.last: str | None = None
+
+    def on_frame(self, frame, result, latency_ms):
+        self.last = frame.source
+
+
+def test_watchdog_restarts_the_source_that_replaced_the_first(camera, jpegs):
+    """A source replaced while running (as a Greengrass configuration change does) is the one the watchdog
+    reopens when it freezes, not the one the agent started with."""
+    second = MjpegCamera(jpegs).start()
+    seen = SourcesSeen()
+    running = Running(stream_settings(camera), WatchdogSettings(source_stall_s=1.5, check_interval_s=0.2, max_restarts=2), blocker=seen)
+    try:
+        running.frames_flow("frames from the first camera")
+        running.pipeline.replace_source(stream_settings(second).source)
+        wait_for(lambda: seen.last == second.url, "frames from the second camera")
+        camera.stop()  # the first camera is gone for good: reopening it could never bring frames back
+        second.freeze()
+        wait_for(lambda: running.restarts("source") >= 1, "the watchdog to restart the frozen second camera")
+        running.frames_flow("frames through the restarted second camera")
+        assert seen.last == second.url and running.errored == []
+    finally:
+        running.close()
+        second.stop()
+
+
 def test_watchdog_reports_errored_when_restarts_do_not_help_and_clears_it(camera):
     running = Running(stream_settings(camera, read_timeout_s=2), WatchdogSettings(source_stall_s=1, check_interval_s=0.2, max_restarts=2))
     try:

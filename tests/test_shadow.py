@@ -18,11 +18,13 @@ from iot_service import IotService, delta
 from update_helpers import NEW, SERVING, artifacts, document, keys, make_bundle, serving  # noqa: F401 (fixtures)
 
 from agent import __version__
-from agent.bundles.updates import Outcome, Reason, Status
+from agent.bundles.document import Status
 from agent.cloud.jobs import rejection_code
 from agent.cloud.shadow import DeviceShadow
+from agent.errors import Reason
 from agent.settings import DEV_SIGNING_KEY, MqttSettings
 from agent.transport.mqtt import MqttLink
+from agent.updates.manager import Outcome
 
 THING = "shadow-thing"
 

@@ -29,17 +29,12 @@ from update_helpers import (  # noqa: F401 (fixtures)
 )
 
 from agent.app import load_configured_model
+from agent.bundles.document import Status, document_signed_bytes, job_document_schema
 from agent.bundles.signing import load_private_key, sign
-from agent.bundles.updates import (
-    Reason,
-    Stage,
-    Status,
-    UpdateManager,
-    document_signed_bytes,
-    job_document_schema,
-)
+from agent.errors import Reason
 from agent.inference.slot import ModelSlot
 from agent.settings import AMAZON_ROOT_CA, ModelSettings, Settings
+from agent.updates.manager import Stage, UpdateManager
 
 
 def assert_refused(s: Serving, outcome, reason: Reason, status: Status = Status.FAILED):
@@ -239,7 +234,7 @@ def test_a_server_whose_certificate_is_not_trusted_is_refused(serving, tmp_path,
 
 def test_the_published_job_document_schema_is_current_and_checks_documents(tmp_path, keys):
     published = json.loads((REPO / "deploy" / "jobs" / "model-update.schema.json").read_text())
-    assert published == job_document_schema(), "regenerate: python -c 'import json; from agent.bundles.updates import job_document_schema as s; print(json.dumps(s(), indent=2))' > deploy/jobs/model-update.schema.json"
+    assert published == job_document_schema(), "regenerate: python -c 'import json; from agent.bundles.document import job_document_schema as s; print(json.dumps(s(), indent=2))' > deploy/jobs/model-update.schema.json"
     data = make_bundle(tmp_path, keys / "trusted.key")
     good = document("${aws:iot:s3-presigned-url-v2:https://s3.eu-west-1.amazonaws.com/bucket/models/mnist.zip}", data)
     jsonschema.validate(good, published)

@@ -20,7 +20,6 @@ from conftest import SAMPLE_VIDEO, SHIPPED_BUNDLE
 
 from agent.app import load_configured_model
 from agent.bundles.signing import generate_key
-from agent.bundles.updates import UpdateManager
 from agent.fleet.packing import sign_bundle, write_manifest, write_zip
 from agent.inference.pipeline import Pipeline, Tuning
 from agent.inference.slot import ModelSlot
@@ -33,6 +32,7 @@ from agent.settings import (
     UpdateSettings,
 )
 from agent.transport.console import ConsoleTransport
+from agent.updates.manager import UpdateManager
 
 DATA = Path(__file__).resolve().parent / "data"
 SERVING = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())["version"]

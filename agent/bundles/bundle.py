@@ -27,7 +27,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from agent.bundles.signing import verify
 from agent.errors import ModelError, Reason
-from agent.inference.tasks import known_tasks
 from agent.settings import ModelSettings
 
 MANIFEST = "manifest.json"
@@ -64,7 +63,7 @@ class OutputSpec(Strict):
 class InputSpec(OutputSpec):
     layout: Literal["NHWC"] = "NHWC"
     colour: Literal["gray", "rgb"]
-    # How a frame becomes this tensor: for classifiers, the id of the task that prepares it (agent.inference.tasks).
+    # How a frame becomes this tensor: for classifiers, the id of the task that serves it (agent.inference.tasks).
     preprocessing: str
 
 
@@ -138,11 +137,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> ManifestBase:
     if not isinstance(raw, dict):
         raise ModelError(f"{where}: manifest must be a JSON object; rebuild it with `edge-fleet model pack`")
     task = raw.get("task")
-    spec = raw.get("input")
-    preprocessing = spec.get("preprocessing") if isinstance(spec, dict) else None
-    for kind, value, known in (("task", task, MANIFEST_TYPES), ("preprocessing id", preprocessing, known_tasks())):
-        if value not in known:
-            raise ModelError(f"{where}: unknown {kind} {value!r} (this agent knows: {', '.join(known)}); update the agent or fix the manifest")
+    if task not in MANIFEST_TYPES:
+        raise ModelError(f"{where}: unknown task {task!r} (this agent knows: {', '.join(MANIFEST_TYPES)}); update the agent or fix the manifest")
     try:
         return MANIFEST_TYPES[task].model_validate(raw)
     except ValidationError as exc:

@@ -6,12 +6,12 @@ nothing starts until the pipeline is built, and the store's model is put in serv
 
 from __future__ import annotations
 
-from agent.bundles.updates import UpdateManager
 from agent.cloud.host import Host
 from agent.cloud.jobs import JobRunner
 from agent.cloud.shadow import DeviceShadow
 from agent.inference.pipeline import Pipeline
 from agent.settings import Settings
+from agent.updates.manager import UpdateManager
 
 
 class IotCoreHost(Host):

@@ -30,15 +30,9 @@ from awsiot.iotjobs import (
     UpdateJobExecutionRequest,
 )
 
-from agent.bundles.updates import (
-    Outcome,
-    Reason,
-    Stage,
-    Status,
-    UpdateFailed,
-    UpdateManager,
-    parse_update,
-)
+from agent.bundles.document import Status, UpdateFailed, parse_update
+from agent.errors import Reason
+from agent.updates.manager import Outcome, Stage, UpdateManager
 
 log = logging.getLogger(__name__)
 

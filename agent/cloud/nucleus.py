@@ -26,13 +26,14 @@ from awsiot.greengrasscoreipc.model import (
     ReportedLifecycleState,
 )
 
-from agent.bundles.updates import Outcome, Status, UpdateManager
+from agent.bundles.document import Status
 from agent.cloud.host import Host
 from agent.errors import AgentError, ConfigError, TransportError
 from agent.inference.pipeline import Pipeline
 from agent.settings import ModelSettings, Settings, deep_merge, validate_settings
 from agent.topics import Topics
 from agent.transport.greengrass import CONNECT_TIMEOUT_S, CONNECTION_LOST, open_ipc
+from agent.updates.manager import Outcome, UpdateManager
 
 log = logging.getLogger(__name__)
 

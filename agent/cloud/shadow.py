@@ -27,9 +27,9 @@ from awsiot.iotshadow import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
-from agent.bundles.updates import Outcome
 from agent.cloud.jobs import rejection_code
 from agent.inference.pipeline import Pipeline
+from agent.updates.manager import Outcome
 
 log = logging.getLogger(__name__)
 

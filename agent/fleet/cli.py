@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.bundles.signing import DEFAULT_PRIVATE_KEY
-from agent.cli import Parser
+from agent.command_line import Parser
 from agent.errors import AgentError
 from agent.fleet.cloud_commands import (
     add_fleet_commands,

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.bundles.signing import DEFAULT_PRIVATE_KEY
-from agent.cli import Parser
+from agent.command_line import Parser
 from agent.errors import ConfigError
 
 Subcommands = argparse._SubParsersAction

@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from agent.bundles.bundle import open_bundle, sha256_file
+from agent.bundles.document import ModelUpdate, document_signed_bytes
 from agent.bundles.signing import Signature, load_private_key, sign
-from agent.bundles.updates import ModelUpdate, document_signed_bytes
 from agent.errors import ModelError
 from agent.fleet.aws import Aws
 from agent.fleet.packing import OPERATOR_MAX_BYTES, sign_bundle, write_zip

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from agent.messages import InferenceResult
     from agent.sources import Frame
 
-# How a model update attempt ended: the AWS IoT Jobs status it reported (agent.bundles.updates.Status), lowercased.
+# How a model update attempt ended: the AWS IoT Jobs status it reported (agent.updates.manager.Status), lowercased.
 UPDATE_OUTCOMES = ("succeeded", "failed", "rejected")
 STAGES = ("find", "classify", "total")
 # Seconds: from a fast classify (0.1 ms) to a badly overloaded frame (2 s).

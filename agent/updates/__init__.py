@@ -1,0 +1,1 @@
+"""How a new model gets into service: the update manager (fetch, verify, validate, swap, health window, keep or roll back)."""
