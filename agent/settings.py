@@ -180,10 +180,18 @@ class UpdateSettings(Section):
 
 
 
+class GreengrassSettings(Section):
+    """How the agent holds on to the Greengrass nucleus (transport greengrass)."""
+
+    wait_for_nucleus_s: float = Field(
+        60.0, ge=0, description="how long the agent keeps trying to reach the nucleus's IPC socket, at start (it may still be starting) and after losing it, before it exits with code 2; at start it is read before the component configuration, so set it in the settings file or the environment"
+    )
+
+
 class Settings(Section):
     """The whole agent configuration."""
 
-    thing_name: str = Field("local-dev", min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_-]+$", description="IoT thing name; also the MQTT client id")
+    thing_name: str = Field("local-dev", min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_-]+$", description="IoT thing name; also the MQTT client id (under Greengrass, when not set: the core device's, AWS_IOT_THING_NAME)")
     transport: Literal["console", "mqtt", "greengrass"] = Field("console", description="where results go: stdout, IoT Core over MQTT5, or IoT Core through the Greengrass nucleus")
     max_frames: int | None = Field(None, ge=1, description="stop after this many frames (default: until the source ends)")
     metrics_interval_s: float = Field(60.0, gt=0, description="how often pipeline statistics are published")
@@ -198,6 +206,7 @@ class Settings(Section):
     liveview: LiveViewSettings = LiveViewSettings()
     watchdog: WatchdogSettings = WatchdogSettings()
     updates: UpdateSettings = UpdateSettings()
+    greengrass: GreengrassSettings = GreengrassSettings()
 
 
 def environment_values() -> dict[str, Any]:

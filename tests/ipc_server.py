@@ -10,6 +10,13 @@ the operations an inference component uses and records what it was asked, for te
         nucleus.wait_for(lambda: nucleus.published_to("edge/cam-1/inference"))
         nucleus.update_configuration({"model": {"score_threshold": 0.9}})   # pushes update events
 
+It behaves like the real nucleus (aws-greengrass-nucleus) where a component can tell: numbers in the
+configuration come back as floats (30 as 30.0), a deployment's configuration events arrive in a burst and
+may repeat values that did not change, a deferral must answer the latest PreComponentUpdateEvent within the
+deployment's timeout (later: ServiceError "Time limit to respond to PreComponentUpdateEvent exceeded"), and
+PublishToIoTCore fails with ServiceError while the nucleus's spool is full. Tests can also send a protocol
+error on a connection, or take the socket away (stop, then start again on the same path).
+
 The codec is written here (awscrt exposes event-stream only inside its client, not as an encoder).
 """
 
@@ -178,6 +185,14 @@ class _Connection:
         with self._write_lock:
             self.conn.sendall(encode_message(rpc + headers, payload))
 
+    def protocol_error(self) -> None:
+        """What a nucleus does with a client it cannot talk to any more: PROTOCOL_ERROR, then hang up."""
+        try:
+            self.send(PROTOCOL_ERROR, 0, 0, [])
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def serve(self) -> None:
         try:
             if not self._handshake():
@@ -224,12 +239,14 @@ class _Connection:
         operation = headers.get("operation", "").removeprefix(NS)
         stream = Stream(self, stream_id, operation, json.loads(payload or b"{}"))
         self.streams[stream_id] = stream
+        self.server._record(self.server.operations, operation)
         handler = getattr(self.server, f"_op_{operation}", None)
         try:
             if handler is None:
                 raise ModelledError("ServiceError", f"operation {operation} is not served by the test nucleus")
             handler(stream)
         except ModelledError as error:
+            self.server._record(self.server.errors, Answered(operation, error.shape, error.message, stream.request))
             stream.send(error.shape, {"message": error.message}, terminate=True, error=True)
         if not stream.open:
             self.streams.pop(stream_id, None)
@@ -253,6 +270,20 @@ def _changed_leaves(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[list
     return [] if old == new else [list(path)]
 
 
+def leaves(tree: dict, path: tuple[str, ...] = ()) -> list[list[str]]:
+    """The key path of every value in a configuration tree."""
+    return [leaf for key, value in tree.items() for leaf in (leaves(value, path + (key,)) if isinstance(value, dict) and value else [list(path + (key,))])]
+
+
+def as_stored(value: Any) -> Any:
+    """A configuration value as the nucleus hands it back: it keeps numbers as doubles, so 30 is 30.0."""
+    if isinstance(value, dict):
+        return {key: as_stored(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_stored(item) for item in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def merge_configuration(base: dict, update: dict) -> dict:
     """A deployment's MERGE: nested keys replaced one by one, like the nucleus does."""
     merged = dict(base)
@@ -266,6 +297,20 @@ class Deferral:
     deployment_id: str
     recheck_after_ms: int
     message: str | None
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A request the test nucleus answered with a modelled error."""
+
+    operation: str
+    shape: str
+    message: str
+    request: dict
+
+
+SPOOL_FULL = "com.aws.greengrass.mqttclient.spool.SpoolerStoreException: Message spool is full. Message could not be added."
+LATE_DEFERRAL = "Time limit to respond to PreComponentUpdateEvent exceeded"
 
 
 @dataclass
@@ -285,12 +330,17 @@ class IpcServer:
     deferrals: list[Deferral] = field(default_factory=list)
     denied: list[tuple[str, str, bytes]] = field(default_factory=list)  # (operation, topic, payload)
     connects: list[bool] = field(default_factory=list)
+    operations: list[str] = field(default_factory=list)  # every request, by operation name, in order
+    errors: list[Answered] = field(default_factory=list)  # every request answered with a modelled error
+    numbers_as_floats: bool = True  # GetConfiguration's numbers as the real nucleus sends them (30.0)
+    spool_full: bool = False  # while set, PublishToIoTCore fails with ServiceError, as a full spooler makes it
 
     def __post_init__(self) -> None:
         self._changed = threading.Condition()
         self._connections: list[_Connection] = []
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._awaiting_deferral: dict[str, float] = {}  # deployment id -> monotonic deadline of its answer
 
     # lifecycle
 
@@ -303,7 +353,9 @@ class IpcServer:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, leave_socket: bool = False) -> None:
+        """Hang up on every client and stop listening. `leave_socket`: keep the socket file, as a nucleus that
+        died does, so that connecting is refused instead of finding no socket. start() serves again."""
         listener, self._listener = self._listener, None
         if listener is not None:
             try:
@@ -318,7 +370,8 @@ class IpcServer:
                 pass
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.socket_path.unlink(missing_ok=True)
+        if not leave_socket:
+            self.socket_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "IpcServer":
         return self.start()
@@ -374,11 +427,13 @@ class IpcServer:
     def published_to(self, topic: str) -> list[Published]:
         return [message for message in self.published if message.topic == topic]
 
-    def update_configuration(self, update: dict) -> None:
-        """Merge `update` into the component configuration and notify every subscriber, leaf by leaf."""
+    def update_configuration(self, update: dict, repeat_unchanged: bool = False) -> None:
+        """Merge `update` into the component configuration and notify every subscriber, leaf by leaf, in one
+        burst. `repeat_unchanged`: an event for every leaf `update` names, changed or not, as the nucleus sends
+        when a deployment merges values the component already has."""
         with self._changed:
             old, self.configuration = self.configuration, merge_configuration(self.configuration, update)
-            changed = _changed_leaves(old, self.configuration)
+            changed = leaves(update) if repeat_unchanged else _changed_leaves(old, self.configuration)
         for stream in self._streams("SubscribeToConfigurationUpdate"):
             prefix = stream.request.get("keyPath") or []
             for key_path in changed:
@@ -394,13 +449,25 @@ class IpcServer:
             stream.send("IoTCoreMessage", {"message": message})
         return len(streams)
 
-    def announce_component_update(self, deployment_id: str) -> int:
-        """A deployment with componentUpdatePolicy NOTIFY_COMPONENTS: PreComponentUpdateEvent to subscribers."""
+    def announce_component_update(self, deployment_id: str, timeout_s: float = 60.0) -> int:
+        """A deployment with componentUpdatePolicy NOTIFY_COMPONENTS: PreComponentUpdateEvent to subscribers,
+        who may answer it (DeferComponentUpdate) once, within `timeout_s` (the policy's timeoutInSeconds).
+        Like the nucleus, a new announcement forgets every earlier one still unanswered."""
         streams = self._streams("SubscribeToComponentUpdates")
+        with self._changed:
+            self._awaiting_deferral = {deployment_id: time.monotonic() + timeout_s} if streams else {}
         for stream in streams:
             event = {"deploymentId": deployment_id, "isGgcRestarting": False}
             stream.send("ComponentUpdatePolicyEvents", {"preUpdateEvent": event})
         return len(streams)
+
+    def protocol_error(self, operation: str) -> int:
+        """Send PROTOCOL_ERROR on, and hang up, every connection with an open `operation` stream; how many."""
+        with self._changed:
+            connections = [c for c in self._connections if any(s.operation == operation and s.open for s in c.streams.values())]
+        for connection in connections:
+            connection.protocol_error()
+        return len(connections)
 
     def _streams(self, operation: str) -> list[Stream]:
         with self._changed:
@@ -435,6 +502,8 @@ class IpcServer:
         self._authorise("PublishToIoTCore", topic, payload)
         if request.get("qos") not in ("0", "1"):
             raise ModelledError("InvalidArgumentsError", f"qos must be '0' or '1', got {request.get('qos')!r}")
+        if self.spool_full:
+            raise ModelledError("ServiceError", f"Publish to topic {topic} failed with error {SPOOL_FULL}")
         self._record(self.published, Published(topic, request["qos"], payload, bool(request.get("retain"))))
         stream.send("PublishToIoTCoreResponse", {}, terminate=True)
 
@@ -452,6 +521,8 @@ class IpcServer:
             value = _nested(self.configuration, key_path)
         if not isinstance(value, dict):
             value = {key_path[-1]: value}
+        if self.numbers_as_floats:
+            value = as_stored(value)
         stream.send("GetConfigurationResponse", {"componentName": component, "value": value}, terminate=True)
 
     def _op_SubscribeToConfigurationUpdate(self, stream: Stream) -> None:
@@ -471,7 +542,13 @@ class IpcServer:
 
     def _op_DeferComponentUpdate(self, stream: Stream) -> None:
         request = stream.request
+        if not self._streams("SubscribeToComponentUpdates"):
+            raise ModelledError("InvalidArgumentsError", "Component is not subscribed to component update events")
         deferral = Deferral(request.get("deploymentId", ""), int(request.get("recheckAfterMs") or 0), request.get("message"))
+        with self._changed:
+            deadline = self._awaiting_deferral.pop(deferral.deployment_id, None)
+        if deadline is None or time.monotonic() > deadline:
+            raise ModelledError("ServiceError", LATE_DEFERRAL)
         self._record(self.deferrals, deferral)
         stream.send("DeferComponentUpdateResponse", {}, terminate=True)
 

@@ -9,11 +9,14 @@ temporary folder holding the shipped bundle zipped as build.py zips it, and unzi
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import select
 import shutil
 import signal
 import subprocess
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from conftest import REPO, SAMPLE_VIDEO, SHIPPED_BUNDLE
-from ipc_server import IpcServer, merge_configuration
+from ipc_server import LATE_DEFERRAL, SPOOL_FULL, IpcServer, leaves, merge_configuration
 
 from agent.bundles.signing import generate_key
 from agent.fleet.packing import sign_bundle, write_manifest, write_zip
@@ -62,10 +65,19 @@ class Component:
     nucleus: IpcServer
     process: subprocess.Popen
     work: Path
+    stderr_read: str = ""
+
+    def next_stderr_line(self, timeout: float = 60) -> str:
+        """The next line the component writes on stderr, waiting for it at most `timeout`."""
+        ready, _, _ = select.select([self.process.stderr], [], [], timeout)
+        assert ready, f"the component wrote nothing on stderr within {timeout} s"
+        line = self.process.stderr.readline()
+        self.stderr_read += line
+        return line
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
         _, stderr = self.process.communicate(timeout=timeout)
-        return self.process.returncode, stderr
+        return self.process.returncode, self.stderr_read + stderr
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM, as the nucleus stops a component."""
@@ -78,7 +90,7 @@ class Component:
 
 @pytest.fixture
 def greengrass(tmp_path):
-    """start(configuration) -> a running component; everything is stopped at the end of the test."""
+    """start(configuration) -> a running component (its nucleus: start.nucleus); everything is stopped at the end of the test."""
     started: list[Component] = []
     nucleus = IpcServer(tmp_path / "ipc.socket", thing_name=THING).start()
     artifacts = tmp_path / "artifacts"
@@ -86,7 +98,7 @@ def greengrass(tmp_path):
     shutil.copy2(REPO / "models" / "keys" / "dev-signing.pub", artifacts / "model-signing.pub")
     model = model_component(tmp_path / "model-0", SHIPPED_BUNDLE)
 
-    def start(configuration: dict, auth_token: str | None = None) -> Component:
+    def start(configuration: dict, auth_token: str | None = None, env: dict[str, str] | None = None) -> Component:
         nucleus.configuration = merge_configuration(RECIPE["ComponentConfiguration"]["DefaultConfiguration"], configuration)
         work = tmp_path / f"work-{len(started)}"
         work.mkdir()
@@ -95,11 +107,11 @@ def greengrass(tmp_path):
             RECIPE["Manifests"][0]["Lifecycle"]["Run"]["Script"],
             {"artifacts:path": artifacts, "work:path": work, "iot:thingName": THING, f"{MODEL_COMPONENT}:artifacts:decompressedPath": model},
         )
-        env = nucleus.component_env(auth_token)
-        process = subprocess.Popen(["sh", "-c", script], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(["sh", "-c", script], cwd=work, env={**nucleus.component_env(auth_token), **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         started.append(Component(nucleus, process, work))
         return started[-1]
 
+    start.nucleus = nucleus
     yield start
     for component in started:
         if component.process.poll() is None:
@@ -290,3 +302,130 @@ def test_outside_a_nucleus_the_greengrass_transport_is_one_clear_line(tmp_path):
         "edge-agent: transport greengrass: AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT is not set; this transport runs only "
         "when a Greengrass nucleus starts the agent from its recipe (use --transport mqtt or console elsewhere)"
     ]
+
+
+# --- a nucleus as the real one behaves -----------------------------------------------------------------------
+
+
+def swapped_to(nucleus: IpcServer, version: str) -> list:
+    return [m for m in nucleus.published_to(STATUS) if m.json()["state"] == "online" and m.json()["model"]["version"] == version]
+
+
+@pytest.mark.parametrize("outage", ["protocol error", "socket gone for seconds"])
+def test_the_control_connection_comes_back_with_its_subscriptions(greengrass, model_1_0_1, outage):
+    new_bundle, test_key = model_1_0_1
+    component = greengrass({**sample(loop=True, pace_fps=4), "updates": {"health_frames": 5}})
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results() and COMMANDS in nucleus.subscriptions)
+    if outage == "protocol error":
+        assert nucleus.protocol_error("SubscribeToConfigurationUpdate") == 1
+    else:
+        nucleus.stop()
+        time.sleep(2)
+        nucleus.start()
+    followed = ("configuration:/", "component-updates", COMMANDS)
+    nucleus.wait_for(lambda: all(nucleus.subscriptions.count(name) == 2 for name in followed))
+    # A configuration change after the reconnect is applied, and its model swap is protected by a deferral.
+    trusted = [str(REPO / "models" / "keys" / "dev-signing.pub"), str(test_key)]
+    nucleus.update_configuration({"model": {"bundle": str(new_bundle), "trusted_keys": trusted}})
+    nucleus.announce_component_update("deployment-1")
+    nucleus.wait_for(lambda: swapped_to(nucleus, "1.0.1") and nucleus.deferrals)
+    served = len(component.results())
+    nucleus.wait_for(lambda: len(component.results()) > served)
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "lost the control connection to the nucleus" in stderr
+    assert outage != "protocol error" or "the nucleus sent PROTOCOL_ERROR" in stderr
+    (deferral,) = nucleus.deferrals
+    assert (deferral.deployment_id, deferral.message) == ("deployment-1", "model swap in progress")
+    assert len({r["run_id"] for r in component.results()}) == 1, "the agent restarted instead of reconnecting"
+    assert component.results()[-1]["model"]["version"] == "1.0.1"
+    assert nucleus.states == ["RUNNING", "RUNNING"], "RUNNING is reported again on the new connection"
+
+
+def test_a_late_answer_to_a_deferral_is_logged_and_serving_goes_on(greengrass):
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results() and "component-updates" in nucleus.subscriptions)
+    nucleus.announce_component_update("deployment-1", timeout_s=0)  # the nucleus went ahead before any answer
+    nucleus.wait_for(lambda: [e for e in nucleus.errors if e.operation == "DeferComponentUpdate"])
+    served = len(component.results())
+    nucleus.wait_for(lambda: len(component.results()) > served + 2)
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    assert nucleus.states == ["RUNNING"]
+    assert LATE_DEFERRAL in stderr and "deployment-1" in stderr and "accessControl" not in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("socket_file", ["missing", "refusing"])
+def test_start_waits_for_a_nucleus_that_is_still_starting(greengrass, socket_file):
+    nucleus = greengrass.nucleus
+    nucleus.stop(leave_socket=socket_file == "refusing")
+    component = greengrass({**sample(), "max_frames": 20})
+    warning = component.next_stderr_line()
+    assert "cannot reach the Greengrass nucleus" in warning and "trying again" in warning
+    nucleus.start()
+    code, stderr = component.finish()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and stderr.count("cannot reach") == 1
+    assert nucleus.states == ["RUNNING"] and component.results()
+
+
+@pytest.mark.parametrize("socket_file", ["missing", "refusing"])
+def test_a_nucleus_that_never_comes_is_one_line_and_exit_2(greengrass, socket_file):
+    greengrass.nucleus.stop(leave_socket=socket_file == "refusing")
+    component = greengrass(sample(), env={"EDGE_AGENT_GREENGRASS__WAIT_FOR_NUCLEUS_S": "1.5"})
+    code, stderr = component.finish()
+    assert code == 2 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and "trying again for up to 1.5 s" in lines[0], stderr
+    assert lines[1].startswith("edge-agent: transport greengrass: cannot reach the Greengrass nucleus at ")
+    assert ("AWS_ERROR_FILE_INVALID_PATH" if socket_file == "missing" else "AWS_IO_SOCKET_CONNECTION_REFUSED") in lines[1]
+    assert "greengrass.wait_for_nucleus_s" in lines[1] and "nucleus is running" in lines[1]
+
+
+def test_thing_name_is_the_nucleus_s_unless_configured(greengrass):
+    assert "--thing-name" not in RECIPE["Manifests"][0]["Lifecycle"]["Run"]["Script"], "the nucleus gives it: AWS_IOT_THING_NAME"
+    component = greengrass({**sample(), "max_frames": 20})
+    code, stderr = component.finish()
+    assert code == 0, stderr
+    assert {r["thing_name"] for r in component.results()} == {THING}
+    configured = greengrass({**sample(), "max_frames": 20, "thing_name": "cam-9"})
+    code, stderr = configured.finish()
+    assert code == 0, stderr
+    assert ("PublishToIoTCore", "edge/cam-9/status") in [(operation, topic) for operation, topic, _ in configured.nucleus.denied]
+
+
+def test_a_full_spool_keeps_messages_in_the_outbox_until_the_nucleus_takes_them(greengrass):
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results())
+    nucleus.spool_full = True
+    refused = lambda: [e for e in nucleus.errors if e.operation == "PublishToIoTCore" and e.request["topicName"] == INFERENCE]  # noqa: E731
+    nucleus.wait_for(lambda: len(refused()) >= 3)
+    nucleus.spool_full = False
+    refused_ids = {m["message_id"] for e in refused() for m in unbatch(base64.b64decode(e.request["payload"]))}
+    nucleus.wait_for(lambda: refused_ids <= {r["message_id"] for r in component.results()})
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    assert SPOOL_FULL.split(": ")[1] in stderr and "dropped" not in stderr
+
+
+def test_configuration_as_a_real_nucleus_sends_it(greengrass):
+    """Numbers as floats, a deployment's events in one burst, unchanged values repeated."""
+    component = greengrass(sample(loop=True, pace_fps=15))
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results() and COMMANDS in nucleus.subscriptions)
+    assert nucleus.numbers_as_floats
+    fetched, statuses = nucleus.operations.count("GetConfiguration"), len(nucleus.published_to(STATUS))
+    unchanged = {key: value for key, value in nucleus.configuration.items() if key != "accessControl"}
+    nucleus.update_configuration(unchanged, repeat_unchanged=True)  # a redeployment of the same configuration
+    nucleus.update_configuration({"model": {"score_threshold": 1.0}, "publish_empty": True, "outbox": {"batch_max": 5}}, repeat_unchanged=True)
+    nucleus.wait_for(lambda: component.results() and component.results()[-1]["predictions"] == [])
+    events = len(leaves(unchanged)) + 3
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    assert nucleus.operations.count("GetConfiguration") - fetched < events / 4, "one fetch per burst, not per event"
+    assert nucleus.subscriptions.count(COMMANDS) == 1 and nucleus.operations.count("SubscribeToComponentUpdates") == 1
+    assert len(nucleus.published_to(STATUS)) == statuses + 1, "nothing but the offline status: no model update, no restart"
+    assert stderr.count("takes effect when the component restarts") == 1 and "outbox.batch_max" in stderr

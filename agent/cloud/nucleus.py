@@ -5,18 +5,26 @@ followed live; UpdateState RUNNING / ERRORED; commands from IoT Core; a componen
 a model swap is in progress. IPC callbacks run on the SDK's threads and only put events on a queue; the
 pipeline thread drains it between frames and does every IPC request itself (a request sent from inside a
 callback can dead-lock). Its IPC connection is its own, apart from the transport's (agent.transport.greengrass).
+
+That control connection can go: the nucleus ends it with a protocol error, or its socket disappears for a
+while. The pipeline thread then reconnects between frames (backing off, for at most
+greengrass.wait_for_nucleus_s), subscribes again to everything it followed, and fetches the configuration,
+so a change made meanwhile is applied; results keep flowing through the transport's own connection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
-from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+from awsiot.eventstreamrpc import LifecycleHandler
+from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2 as Client
 from awsiot.greengrasscoreipc.model import (
     QOS,
     ComponentUpdatePolicyEvents,
@@ -24,6 +32,7 @@ from awsiot.greengrasscoreipc.model import (
     GreengrassCoreIPCError,
     IoTCoreMessage,
     ReportedLifecycleState,
+    UnauthorizedError,
 )
 
 from agent.bundles.document import Status
@@ -32,17 +41,26 @@ from agent.errors import AgentError, ConfigError, TransportError
 from agent.inference.pipeline import Pipeline
 from agent.settings import ModelSettings, Settings, deep_merge, validate_settings
 from agent.topics import Topics
-from agent.transport.greengrass import CONNECT_TIMEOUT_S, CONNECTION_LOST, open_ipc
+from agent.transport.greengrass import CONNECT_TIMEOUT_S, NOT_STARTED, open_ipc
 from agent.updates.manager import Outcome, UpdateManager
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 10.0  # a nucleus that does not answer a request in this long is not coming back
 RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the nucleus asks again
+RETRY_INITIAL_S, RETRY_MAX_S = 0.5, 5.0  # waits between attempts to reach the nucleus (doubling)
 NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
 # What a running agent applies between two frames; any other change waits for the next start.
-LIVE = ("source", "model", "topics", "publish_empty", "metrics_interval_s")
+LIVE = ("source", "model", "topics", "publish_empty", "metrics_interval_s", "greengrass")
 MODEL_UPDATE = {f"model.{name}" for name in ModelSettings.model_fields} - {"model.score_threshold"}  # a change means a model update
+
+
+class NucleusGone(TransportError):
+    """The control connection closed, or the nucleus stopped answering on it: reconnect."""
+
+
+class NucleusRefused(TransportError):
+    """The nucleus answered a request with one of its errors (aws.greengrass#UnauthorizedError, ServiceError...)."""
 
 
 def configuration_layer(value: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +72,12 @@ def configuration_layer(value: dict[str, Any]) -> dict[str, Any]:
             continue
         layer[key] = configuration_layer(item) if isinstance(item, dict) else item
     return layer
+
+
+def nucleus_layer() -> dict[str, Any]:
+    """What the nucleus tells every component, as the lowest settings layer: the core device's thing name."""
+    thing_name = os.environ.get("AWS_IOT_THING_NAME")
+    return {"thing_name": thing_name} if thing_name else {}
 
 
 def changed_settings(old: Settings, new: Settings) -> set[str]:
@@ -73,39 +97,65 @@ def within(name: str, section: str) -> bool:
     return name == section or name.startswith(section + ".")
 
 
-def ask(request: Future, what: str) -> Any:
-    """An IPC request's answer, or a TransportError naming what the nucleus did not do."""
+def ask(client: Client | None, operation: Callable[..., Future], what: str, **request: Any) -> Any:
+    """The answer to `operation(client, **request)` (an IPC client method); NucleusRefused naming what the
+    nucleus would not do, NucleusGone when there is no connection or no answer."""
+    if client is None:
+        raise NucleusGone(f"transport greengrass: not connected to the nucleus for {what}")
     try:
-        return request.result(timeout=REQUEST_TIMEOUT_S)
+        return operation(client, **request).result(timeout=REQUEST_TIMEOUT_S)
     except FutureTimeout:
-        raise TransportError(f"transport greengrass: the nucleus did not answer {what} within {REQUEST_TIMEOUT_S:g} s") from None
+        raise NucleusGone(f"transport greengrass: the nucleus did not answer {what} within {REQUEST_TIMEOUT_S:g} s") from None
     except GreengrassCoreIPCError as error:
-        raise TransportError(f"transport greengrass: the nucleus refused {what} ({type(error).__name__}: {error.message}); check the recipe's accessControl") from None
-    except CONNECTION_LOST as error:
-        raise TransportError(f"transport greengrass: lost the IPC connection during {what} ({error}); the nucleus will restart the agent") from None
+        hint = "; check the recipe's accessControl" if isinstance(error, UnauthorizedError) else ""
+        raise NucleusRefused(f"transport greengrass: the nucleus refused {what} ({type(error).__name__}: {error.message}){hint}") from None
+    except NOT_STARTED as error:
+        raise NucleusGone(f"transport greengrass: lost the IPC connection during {what} ({type(error).__name__}: {error})") from None
+
+
+class ConnectionWatch(LifecycleHandler):
+    """Puts a closed control connection on the host's event queue (on the SDK's thread, so nothing more)."""
+
+    def __init__(self, events: queue.SimpleQueue, connection: int):
+        self._events = events
+        self._connection = connection
+
+    def on_disconnect(self, reason: Exception | None) -> None:
+        self._events.put(("disconnected", (self._connection, reason)))
+
+    def on_error(self, error: Exception) -> bool:
+        """A PROTOCOL_ERROR or INTERNAL_ERROR from the nucleus: say so (the disconnect after it only says
+        "socket closed"), and end the connection."""
+        kind = getattr(error.args[0], "name", "an error") if error.args else "an error"
+        self._events.put(("disconnected", (self._connection, ConnectionError(f"the nucleus sent {kind}"))))
+        return True
 
 
 class NucleusHost(Host):
     """The Greengrass nucleus as the agent's supervisor (see agent.app.Host)."""
 
-    def __init__(self, client: GreengrassCoreIPCClientV2):
-        self._client = client
+    def __init__(self, settings: Settings):
+        self._client: Client | None = None
+        self._connection = 0  # which connection the client is; a ConnectionWatch of an older one is stale
+        self._lost_at = self._retry_at = 0.0
+        self._retry_s = RETRY_INITIAL_S
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-update")
         self._loading: list[Future] = []  # model updates in order; the first may be running
         self._updates: UpdateManager | None = None
         self._operations: dict[str, Any] = {}
         self._layers: dict[str, Any] = {}
-        self._settings: Settings | None = None
+        self._settings = settings
         self._pipeline: Pipeline | None = None
 
     # -- agent.app.Host --------------------------------------------------------------------------------
 
     def configure(self, settings: Settings) -> Settings:
-        """The component configuration merged over the settings; followed live from here on."""
-        self._layers = settings.model_dump()
-        self._subscribe("configuration", self._client.subscribe_to_configuration_update_async, ConfigurationUpdateEvents, key_path=[])
-        self._subscribe("component-updates", self._client.subscribe_to_component_updates_async, ComponentUpdatePolicyEvents)
+        """The component configuration merged over the settings; followed live from here on.
+
+        Only the settings some layer set count: a setting left at its default (thing_name) takes the
+        nucleus's value."""
+        self._layers = deep_merge(nucleus_layer(), settings.model_dump(exclude_unset=True))
         self._settings = self._fetch_settings()
         return self._settings
 
@@ -113,20 +163,81 @@ class NucleusHost(Host):
         self._pipeline = pipeline
         self._updates = UpdateManager.serving(self._settings, pipeline)
         pipeline.between_frames(self.apply_pending)
-        self._subscribe_commands()
-        ask(self._client.update_state_async(state=ReportedLifecycleState.RUNNING), "UpdateState RUNNING")
+        try:
+            self._serve_on_connection()
+        except NucleusGone as error:
+            self._lose(error)
 
     def failed(self, error: AgentError) -> None:
         try:
-            ask(self._client.update_state_async(state=ReportedLifecycleState.ERRORED), "UpdateState ERRORED")
+            ask(self._client, Client.update_state_async, "UpdateState ERRORED", state=ReportedLifecycleState.ERRORED)
         except TransportError as report_error:  # the nucleus sees our exit code anyway
             log.warning("%s", report_error)
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
-        for operation in self._operations.values():
+        self._drop(wait=True)
+
+    # -- the control connection -------------------------------------------------------------------------
+
+    def reach(self) -> None:
+        """Connect at start, trying again while the nucleus is not there (it may still be starting)."""
+        self._retry_from_now()
+        while not self._reconnect():
+            time.sleep(max(0.0, self._retry_at - time.monotonic()))
+        log.info("connected to the Greengrass nucleus; following the component configuration and component updates")
+
+    def _connect(self) -> None:
+        """A new control connection, subscribed to everything the agent follows."""
+        self._connection += 1
+        self._client = open_ipc(CONNECT_TIMEOUT_S, ConnectionWatch(self._events, self._connection))
+        self._subscribe("configuration", Client.subscribe_to_configuration_update_async, ConfigurationUpdateEvents, key_path=[])
+        self._subscribe("component-updates", Client.subscribe_to_component_updates_async, ComponentUpdatePolicyEvents)
+        if self._pipeline is not None:
+            self._serve_on_connection()
+
+    def _serve_on_connection(self) -> None:
+        """What a serving agent does on each new connection: follow commands, tell the nucleus it runs."""
+        self._subscribe_commands()
+        ask(self._client, Client.update_state_async, "UpdateState RUNNING", state=ReportedLifecycleState.RUNNING)
+
+    def _reconnect(self) -> bool:
+        """One attempt to connect and subscribe. False when the nucleus cannot be reached (the next attempt is
+        scheduled); a TransportError once it has been unreachable for greengrass.wait_for_nucleus_s."""
+        try:
+            self._connect()
+            return True
+        except (ConnectionError, NucleusGone) as error:
+            self._drop()
+            wait_s = self._settings.greengrass.wait_for_nucleus_s
+            waited_s = time.monotonic() - self._lost_at
+            if waited_s >= wait_s:
+                raise TransportError(
+                    f"transport greengrass: {error}, for {wait_s:g} s (greengrass.wait_for_nucleus_s); check that the nucleus is running and started this agent"
+                ) from None
+            if self._retry_s == RETRY_INITIAL_S:
+                log.warning("%s; trying again for up to %g s (the nucleus may be starting)", error, wait_s)
+            self._retry_at = time.monotonic() + min(self._retry_s, wait_s - waited_s)
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            return False
+
+    def _lose(self, reason: Exception) -> None:
+        """The control connection is gone: close what is left of it and reconnect from now on."""
+        log.warning("lost the control connection to the nucleus (%s); reconnecting", reason)
+        self._drop()
+        self._retry_from_now()
+
+    def _retry_from_now(self) -> None:
+        self._lost_at = self._retry_at = time.monotonic()
+        self._retry_s = RETRY_INITIAL_S
+
+    def _drop(self, wait: bool = False) -> None:
+        operations, self._operations = self._operations, {}
+        client, self._client = self._client, None
+        for operation in operations.values():
             operation.close()
-        self._client.close()
+        if client is not None:
+            client.close(executor_wait=wait)
 
     # -- IPC streams: callbacks only enqueue ------------------------------------------------------------
 
@@ -135,41 +246,58 @@ class NucleusHost(Host):
             if isinstance(event, event_type):
                 self._events.put((name, event))
 
+        def start(client: Client, **request: Any) -> Future:
+            subscribed, self._operations[name] = subscribe(client, on_stream_event=on_event, on_stream_error=lambda error: False, **request)
+            return subscribed
+
         previous = self._operations.pop(name, None)
         if previous is not None:
             previous.close()
-        subscribed, self._operations[name] = subscribe(on_stream_event=on_event, on_stream_error=lambda error: False, **request)
-        ask(subscribed, f"the {name} subscription")
+        ask(self._client, start, f"the {name} subscription", **request)
 
     def _subscribe_commands(self) -> None:
         """Commands are a convenience: a refused subscription is reported, and results keep flowing."""
         topic = self._pipeline.transport.topics.commands
         try:
-            self._subscribe("commands", self._client.subscribe_to_iot_core_async, IoTCoreMessage, topic_name=topic, qos=QOS.AT_LEAST_ONCE)
-        except TransportError as error:
+            self._subscribe("commands", Client.subscribe_to_iot_core_async, IoTCoreMessage, topic_name=topic, qos=QOS.AT_LEAST_ONCE)
+        except NucleusRefused as error:
             log.warning("no commands will be received: %s", error)
 
     # -- the pipeline thread --------------------------------------------------------------------------
 
     def apply_pending(self) -> None:
-        """Between two frames: apply what the nucleus sent since the last frame, and a loaded model.
+        """Between two frames: apply what the nucleus sent since the last frame, and a loaded model; and
+        while the control connection is gone, try to restore it.
 
         A configuration change goes first, so an update announced with it sees the model swap it starts."""
         while self._loading and self._loading[0].done():
             self._report_model_update(self._loading.pop(0).result())
-        events: dict[str, list] = {"configuration": [], "component-updates": [], "commands": []}
+        events: dict[str, list] = {"disconnected": [], "configuration": [], "component-updates": [], "commands": []}
         while not self._events.empty():
             kind, event = self._events.get()
             events[kind].append(event)
-        if events["configuration"]:
-            self._reconfigure()  # one fetch however many keys a deployment changed
-        for event in events["component-updates"]:
-            self._answer_component_update(event)
+        for connection, reason in events["disconnected"]:
+            if connection == self._connection and self._client is not None:
+                self._lose(reason or ConnectionError("closed"))
         for event in events["commands"]:
             self._command(event.message.payload)
+        try:
+            if self._client is None:
+                # What the nucleus announced on the lost connection goes unanswered: it stops waiting after its
+                # timeout. The configuration is fetched anew once reconnected.
+                if time.monotonic() < self._retry_at or not self._reconnect():
+                    return
+                log.info("reconnected to the nucleus after %.1f s; resubscribed to configuration, component updates and commands", time.monotonic() - self._lost_at)
+                events = {"configuration": [True], "component-updates": []}
+            if events["configuration"]:
+                self._reconfigure()  # one fetch however many keys a deployment changed
+            for event in events["component-updates"]:
+                self._answer_component_update(event)
+        except NucleusGone as error:
+            self._lose(error)
 
     def _fetch_settings(self) -> Settings:
-        value = ask(self._client.get_configuration_async(key_path=[]), "GetConfiguration").value or {}
+        value = ask(self._client, Client.get_configuration_async, "GetConfiguration", key_path=[]).value or {}
         return validate_settings(deep_merge(self._layers, configuration_layer(value)), origin="component configuration")
 
     def _reconfigure(self) -> None:
@@ -191,6 +319,8 @@ class NucleusHost(Host):
         if any(within(name, "source") for name in changed):
             pipeline.replace_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
         later = sorted(name for name in changed if not any(within(name, section) for section in LIVE))
+        if changed - set(later):
+            log.info("configuration applied: %s", ", ".join(sorted(changed - set(later))))
         if later:
             log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
 
@@ -209,15 +339,17 @@ class NucleusHost(Host):
         pipeline.transport.publish(pipeline.status("degraded", reason=outcome.message))
 
     def _answer_component_update(self, event: ComponentUpdatePolicyEvents) -> None:
-        """Defer a restart while a model is loading; otherwise tell the nucleus to go ahead now."""
+        """Defer a restart while a model is loading; otherwise tell the nucleus to go ahead now.
+
+        An answer the nucleus no longer waits for (it went ahead once its timeout passed) changes nothing."""
         pending = event.pre_update_event
         if pending is None:
             return
-        if self._loading:
-            answer = self._client.defer_component_update_async(deployment_id=pending.deployment_id, message="model swap in progress", recheck_after_ms=RECHECK_AFTER_MS)
-        else:
-            answer = self._client.defer_component_update_async(deployment_id=pending.deployment_id, recheck_after_ms=0)
-        ask(answer, "DeferComponentUpdate")
+        answer = dict(message="model swap in progress", recheck_after_ms=RECHECK_AFTER_MS) if self._loading else dict(recheck_after_ms=0)
+        try:
+            ask(self._client, Client.defer_component_update_async, f"DeferComponentUpdate for deployment {pending.deployment_id}", deployment_id=pending.deployment_id, **answer)
+        except NucleusRefused as error:
+            log.warning("%s; the nucleus goes on with the deployment", error)
 
     def _command(self, payload: bytes) -> None:
         """Commands on topics.commands: {"command": "status"} republishes the status message now."""
@@ -232,8 +364,8 @@ class NucleusHost(Host):
 
 
 def host_from_settings(settings: Settings) -> NucleusHost:
-    """Registry factory (see agent.app.HOSTS): connects to the nucleus or fails with one clear line."""
-    try:
-        return NucleusHost(open_ipc(CONNECT_TIMEOUT_S))
-    except ConnectionError as error:
-        raise TransportError(f"transport greengrass: {error}; check that the nucleus is running and started this agent") from None
+    """Registry factory (see agent.app.HOSTS): connects to the nucleus, waiting for it for up to
+    greengrass.wait_for_nucleus_s, or fails with one clear line."""
+    host = NucleusHost(settings)
+    host.reach()
+    return host

@@ -6,6 +6,8 @@ connection of its own (the nucleus authenticates every connection with SVCUID).
 from __future__ import annotations
 
 import logging
+import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -15,11 +17,13 @@ from awsiot.eventstreamrpc import (
     AccessDeniedError,
     ConnectionClosedError,
     EventStreamError,
+    LifecycleHandler,
     StreamClosedError,
 )
 from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 from awsiot.greengrasscoreipc.model import (
     QOS,
+    GreengrassCoreIPCError,
     InvalidArgumentsError,
     UnauthorizedError,
 )
@@ -41,11 +45,12 @@ CONNECTION_LOST = (ConnectionClosedError, StreamClosedError, EventStreamError, A
 NOT_STARTED = (*CONNECTION_LOST, RuntimeError)
 
 
-def open_ipc(timeout_s: float) -> GreengrassCoreIPCClientV2:
+def open_ipc(timeout_s: float, lifecycle: LifecycleHandler | None = None) -> GreengrassCoreIPCClientV2:
     """A connected IPC client. TransportError when this is not a component or the nucleus refuses it;
-    ConnectionError when the nucleus cannot be reached right now."""
+    ConnectionError when the nucleus cannot be reached right now (no socket yet, nobody listening, no answer).
+    `lifecycle` hears, on the SDK's thread, when the connection closes."""
     try:
-        connection = awsiot.greengrasscoreipc.connect(timeout=timeout_s)
+        connection = awsiot.greengrasscoreipc.connect(timeout=timeout_s, lifecycle_handler=lifecycle)
     except KeyError as missing:
         raise TransportError(
             f"transport greengrass: {missing.args[0]} is not set; this transport runs only when a Greengrass nucleus "
@@ -56,11 +61,18 @@ def open_ipc(timeout_s: float) -> GreengrassCoreIPCClientV2:
     except AwsCrtError as error:
         if error.name == "AWS_IO_SOCKET_CLOSED":  # the nucleus hung up on our CONNECT: it refused the token
             raise _refused() from None
-        raise ConnectionError(f"cannot reach the Greengrass nucleus ({error.name}: {error.message})") from None
+        raise ConnectionError(f"cannot reach the Greengrass nucleus at {_socket()} ({error.name}: {error.message})") from None
+    except RuntimeError as error:  # awscrt refuses a missing socket file or one nobody listens on at once, untyped:
+        name_and_message = re.sub(r"^\d+ \((\w+)\): ", r"\1: ", str(error))  # "1047 (AWS_IO_...): socket ..."
+        raise ConnectionError(f"cannot reach the Greengrass nucleus at {_socket()} ({name_and_message})") from None
     except FutureTimeout:
-        raise ConnectionError(f"the Greengrass nucleus did not answer the IPC handshake within {timeout_s:g} s") from None
+        raise ConnectionError(f"the Greengrass nucleus at {_socket()} did not answer the IPC handshake within {timeout_s:g} s") from None
     # Callbacks run on this single thread, in order; they only enqueue, so one is plenty.
     return GreengrassCoreIPCClientV2(client=connection, executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipc-events"))
+
+
+def _socket() -> str:
+    return os.environ["AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"]
 
 
 def _refused() -> TransportError:
@@ -74,13 +86,16 @@ class IpcLink:
     """PublishToIoTCore as a Link: acknowledged once the nucleus has spooled the message for IoT Core.
 
     A connection the nucleus dropped is reopened on the next publish; a refusal (topic not in the
-    component's accessControl) fails the message for good with PublishRejected.
+    component's accessControl) fails the message for good with PublishRejected. A ServiceError (the
+    nucleus's spool is full, its MQTT client timed out) is transient: the outbox keeps the message and
+    sends it again; the first of a run is logged, and when the nucleus takes messages again.
     """
 
     def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self._client: GreengrassCoreIPCClientV2 | None = None
         self._lost: GreengrassCoreIPCClientV2 | None = None  # set from the SDK's thread, closed from ours
         self._connect_timeout_s = connect_timeout_s
+        self._failing = False  # the nucleus answered the last publish with a ServiceError
         self.connected = False
         self.reconnects = 0
 
@@ -118,6 +133,9 @@ class IpcLink:
         """On the SDK's thread: only records; the next publish replaces a lost connection."""
         error = reply.exception()
         if error is None:
+            if self._failing:
+                self._failing = False
+                log.info("the nucleus takes messages again")
             acknowledged.set_result(None)
             return
         if isinstance(error, (UnauthorizedError, InvalidArgumentsError)):
@@ -125,6 +143,10 @@ class IpcLink:
                 f"the nucleus refused PublishToIoTCore on {topic} ({type(error).__name__}: {error.message}); "
                 "allow the topic in the recipe's accessControl for aws.greengrass.ipc.mqttproxy or fix topics.*"
             )
+        elif isinstance(error, GreengrassCoreIPCError):
+            if not self._failing:
+                self._failing = True
+                log.warning("the nucleus did not take a message on %s (%s: %s); the outbox keeps it and sends it again", topic, type(error).__name__, error.message)
         elif isinstance(error, CONNECTION_LOST):
             self._lost = client
         acknowledged.set_exception(error)
