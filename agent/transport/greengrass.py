@@ -95,7 +95,7 @@ class IpcLink:
         self._client: GreengrassCoreIPCClientV2 | None = None
         self._lost: GreengrassCoreIPCClientV2 | None = None  # set from the SDK's thread, closed from ours
         self._connect_timeout_s = connect_timeout_s
-        self._failing = False  # the nucleus answered the last publish with a ServiceError
+        self._failing = False  # the nucleus's last answer to a publish was a transient error (ServiceError)
         self.connected = False
         self.reconnects = 0
 
@@ -130,7 +130,7 @@ class IpcLink:
         return acknowledged
 
     def _settle(self, acknowledged: Future, reply: Future, topic: str, client: GreengrassCoreIPCClientV2) -> None:
-        """On the SDK's thread: only records; the next publish replaces a lost connection."""
+        """On the SDK's thread: only records (and logs); the next publish replaces a lost connection."""
         error = reply.exception()
         if error is None:
             if self._failing:
