@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to for real: the MQTT broker, openssl for test certificates, a browser.
 APT_PACKAGES := mosquitto openssl chromium
 
-.PHONY: demo test test-tflite system-deps bench train component fleet-sim schema clean
+.PHONY: demo test test-tflite system-deps bench train component docs fleet-sim schema clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,14 +47,25 @@ test-tflite: $(TFLITE_VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/edge-agent bench
 
-# Retrain the shipped model (TensorFlow is the optional train extra; about 4 minutes on 2 cores).
+# Retrain the model (TensorFlow is the optional train extra; about 4 minutes on 2 cores) into a scratch
+# bundle signed with your own key (made on first use); the tracked, shipped bundle is never touched.
+TRAIN_OUT ?= build/mnist-bundle
+TRAIN_KEY ?= $(HOME)/.config/edge-agent/dev-signing.key
 train: $(VENV)/.installed
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[train]'
-	$(BIN)/python -m models.mnist.train --out models/mnist/bundle
+	test -f $(TRAIN_KEY) || $(BIN)/edge-fleet model keygen --key $(TRAIN_KEY)
+	$(BIN)/python -m models.mnist.train --out $(TRAIN_OUT) --key $(TRAIN_KEY)
+	@echo "run it: $(BIN)/edge-agent run --model $(TRAIN_OUT) --trusted-key $(basename $(TRAIN_KEY)).pub"
 
-# Greengrass artifacts (wheel, constraints, model zip) and recipes, reproducibly, from the last commit.
+# Greengrass artifacts (wheel, constraints, model zip) and recipes, reproducibly, from the last commit, into
+# each component's greengrass-build/ (absolute paths printed). TRUSTED_KEY=your-fleet.pub: the key the agent
+# component trusts for model updates (default: the development key).
 component: $(VENV)/.installed
-	$(BIN)/python deploy/greengrass/build.py
+	$(BIN)/python deploy/greengrass/build.py $(if $(TRUSTED_KEY),--trusted-key $(TRUSTED_KEY))
+
+# The command blocks of README.md and the deploy docs, run as a reader would (also part of make test).
+docs: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/test_docs.py
 
 # 20 agent processes, one broker, a model rollout with 2 corrupted downloads (also run by make test).
 fleet-sim: $(VENV)/.installed-test system-deps

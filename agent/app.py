@@ -10,6 +10,7 @@ from typing import Iterator
 
 import cv2
 
+from agent.bundles.starting import starting_keys
 from agent.cloud.host import Host
 from agent.errors import AgentError
 from agent.inference.model import LoadedModel, load_model
@@ -51,8 +52,11 @@ def build_transport(settings: Settings) -> Transport:
 
 
 def load_configured_model(settings: Settings) -> LoadedModel:
-    """The model the settings name, verified and checked, or a ModelError."""
-    return load_model(settings.model.bundle, settings.model, settings.tasks)
+    """The model the settings name, verified and checked, or a ModelError. The bundle shipped in the package is
+    also accepted with the development keys shipped beside it (agent/bundles/starting.py); updates are not."""
+    model = settings.model
+    starting = model.model_copy(update={"trusted_keys": starting_keys(model.bundle, model.trusted_keys)})
+    return load_model(model.bundle, starting, settings.tasks)
 
 
 def tuning(settings: Settings) -> Tuning:

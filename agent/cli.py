@@ -35,6 +35,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "--pace-fps": (("source", "pace_fps"), {}, "deliver file frames at this rate, like a camera"),
     "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
     "--liveview-port": (("liveview", "port"), {}, "port of the live view, /metrics and /healthz (default 8080)"),
+    "--state-dir": (("state_dir",), {}, "folder for the outbox and model store (default ~/.local/state/edge-agent)"),
 }
 SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "--loop": (("source", "loop"), True, "restart a video file or folder at its end"),
@@ -176,7 +177,7 @@ def build_parser() -> Parser:
     ):
         sub = model.add_parser(name, help=help_text)
         sub.add_argument("bundle", type=Path)
-        sub.add_argument("--trusted-key", type=Path, action="append", help="Ed25519 public key (repeatable; default: the development key)")
+        sub.add_argument("--trusted-key", type=Path, action="append", help="Ed25519 public key (repeatable; default: the development keys)")
         sub.add_argument("--allow-unsigned", action="store_true", help="accept a bundle without a signature")
         sub.add_argument("--max-mb", type=float, default=ModelSettings().max_bundle_mb, help="largest bundle accepted, unpacked (setting model.max_bundle_mb)")
         sub.set_defaults(handler=handler)

@@ -9,21 +9,32 @@ branch it needs.
 from __future__ import annotations
 
 import json
+import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource
 
 from agent.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_BUNDLE = REPO_ROOT / "models" / "mnist" / "bundle"
-SHIPPED_SAMPLE_VIDEO = REPO_ROOT / "models" / "mnist" / "sample" / "sample.avi"
-DEV_SIGNING_KEY = REPO_ROOT / "models" / "keys" / "dev-signing.pub"
-AMAZON_ROOT_CA = Path(__file__).resolve().parent / "certs" / "AmazonRootCA1.pem"
+PACKAGE = Path(__file__).resolve().parent
+# What ships inside the package (agent/shipped/ links to models/ and deploy/ in a checkout; a wheel holds copies),
+# so an installed agent needs no source checkout.
+SHIPPED = PACKAGE / "shipped"
+SHIPPED_BUNDLE = SHIPPED / "mnist-bundle"
+SHIPPED_SAMPLE_VIDEO = SHIPPED / "sample.avi"
+DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"  # signed bundle 1.0.0; its private half is lost
+DEV_SIGNING_KEYS = (DEV_SIGNING_KEY, SHIPPED / "keys" / "dev-signing-2026-12.pub")
+AMAZON_ROOT_CA = PACKAGE / "certs" / "AmazonRootCA1.pem"
+# State the agent writes; relative values of these settings are inside state_dir.
+STATE_PATHS = (("outbox", "path"), ("updates", "store"))
+# A source spec that names a camera or a URL (camera:0, rtsp://...) rather than a file or folder.
+LOCATION = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 class Section(BaseModel):
@@ -33,7 +44,7 @@ class Section(BaseModel):
 
 
 class SourceSettings(Section):
-    spec: str = Field(str(SHIPPED_SAMPLE_VIDEO), description="camera:N, a video file, an image folder, or an rtsp:// / http(s):// stream URL")
+    spec: str = Field(str(SHIPPED_SAMPLE_VIDEO), description="camera:N, a video file, an image folder, or an rtsp:// / http(s):// stream URL (default: the sample video shipped in the package)")
     loop: bool = Field(False, description="restart a video file or image folder at its end instead of stopping")
     pace_fps: float | None = Field(None, gt=0, description="deliver file frames at this rate, like a camera (default: as fast as the model goes)")
     colour: bool = Field(False, description="keep frames in colour (the live view shows them so); off, frames are grey, all the digit finder reads, and an MJPG file decodes in 40% less time")
@@ -43,8 +54,8 @@ class SourceSettings(Section):
 
 
 class ModelSettings(Section):
-    bundle: Path = Field(SHIPPED_BUNDLE, description="model bundle directory or .zip")
-    trusted_keys: list[Path] = Field(default_factory=lambda: [DEV_SIGNING_KEY], description="Ed25519 public keys (PEM) allowed to sign bundles")
+    bundle: Path = Field(SHIPPED_BUNDLE, description="model bundle directory or .zip (default: the one shipped in the package)")
+    trusted_keys: list[Path] = Field(default_factory=lambda: list(DEV_SIGNING_KEYS), description="Ed25519 public keys (PEM) allowed to sign bundles (default: the development keys shipped in the package)")
     require_signature: bool = Field(True, description="refuse bundles without a valid signature from a trusted key")
     backend: Literal["auto", "litert", "tflite-runtime"] = Field("auto", description="TFLite runtime; auto prefers ai-edge-litert, then tflite-runtime")
     num_threads: int = Field(1, ge=1, le=64, description="interpreter threads; one is fastest for a model this small")
@@ -79,7 +90,7 @@ class MqttSettings(Section):
 
 
 class OutboxSettings(Section):
-    path: Path = Field(Path("var/outbox.sqlite3"), description="SQLite spool holding results until their PUBACK")
+    path: Path = Field(Path("outbox.sqlite3"), description="SQLite spool holding results until their PUBACK (relative: inside state_dir)")
     max_mb: float = Field(64.0, gt=0, description="oldest results are dropped (and counted) past this size")
     max_age_s: float = Field(7 * 24 * 3600, gt=0, description="results older than this are dropped (and counted)")
     max_publishes_per_s: float = Field(100.0, gt=0, description="IoT Core allows 100 publishes/s per connection")
@@ -170,7 +181,7 @@ class DownloadSettings(Section):
 class UpdateSettings(Section):
     """`updates` branch of the settings: where models are kept and how much an update is trusted."""
 
-    store: Path = Field(Path("var/models"), description="versioned model store (one directory per name/version)")
+    store: Path = Field(Path("models"), description="versioned model store, one directory per name/version (relative: inside state_dir)")
     keep: int = Field(3, ge=2, le=100, description="installed versions kept; the active and previous are never pruned")
     allow_unsigned: bool = Field(False, description="accept bundles without a signature (development only)")
     allow_downgrade: bool = Field(False, description="accept an older version even when the job document does not say so")
@@ -197,6 +208,7 @@ class Settings(Section):
     metrics_interval_s: float = Field(60.0, gt=0, description="how often pipeline statistics are published")
     publish_empty: bool = Field(False, description="also publish frames in which nothing was found")
     opencv_threads: int | None = Field(1, ge=1, le=64, description="OpenCV worker threads; the pipeline is one thread, and on small frames a pool only adds wake-ups (null: OpenCV's default)")
+    state_dir: Path | None = Field(None, validate_default=True, description="folder for what the agent writes (outbox, model store), the same whichever directory it starts in (null: $XDG_STATE_HOME/edge-agent, or ~/.local/state/edge-agent)")
     source: SourceSettings = SourceSettings()
     model: ModelSettings = ModelSettings()
     tasks: TaskSettings = TaskSettings()
@@ -207,6 +219,23 @@ class Settings(Section):
     watchdog: WatchdogSettings = WatchdogSettings()
     updates: UpdateSettings = UpdateSettings()
     greengrass: GreengrassSettings = GreengrassSettings()
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _state_dir(cls, value: Path | None) -> Path:
+        if value is None:
+            value = Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state") / "edge-agent"
+        return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _state_inside_state_dir(self) -> Settings:
+        """Relative state paths name places inside state_dir, so what one run spooled the next run finds."""
+        for section, name in STATE_PATHS:
+            branch = getattr(self, section)
+            path = getattr(branch, name)
+            if not path.expanduser().is_absolute():
+                setattr(self, section, branch.model_copy(update={name: self.state_dir / path}))
+        return self
 
 
 def environment_values() -> dict[str, Any]:
@@ -265,9 +294,48 @@ def validate_settings(values: dict[str, Any], origin: str = "setting") -> Settin
         raise ConfigError(describe_validation_error(exc, origin)) from None
 
 
+def _holds_paths(annotation: Any) -> bool:
+    """Path, Path | None or list[Path]: a setting naming files."""
+    return annotation is Path or any(_holds_paths(arg) for arg in typing.get_args(annotation))
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def anchor_paths(values: dict[str, Any], folder: Path, model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A settings file's relative paths made relative to `folder`, the file's own folder.
+
+    State paths (STATE_PATHS) are left alone: relative, they are inside state_dir. A source spec naming a
+    camera or a URL is not a path.
+    """
+    anchored = dict(values)
+    for name, value in values.items():
+        field = model.model_fields.get(name)
+        if field is None or value is None or prefix + (name,) in STATE_PATHS:
+            continue  # unknown keys are reported by validation
+        section = _section(field.annotation)
+        if section is not None and isinstance(value, dict):
+            anchored[name] = anchor_paths(value, folder, section, prefix + (name,))
+        elif _holds_paths(field.annotation) or (prefix + (name,) == ("source", "spec") and not LOCATION.match(str(value))):
+            anchored[name] = [_anchor(item, folder) for item in value] if isinstance(value, list) else _anchor(value, folder)
+    return anchored
+
+
+def _anchor(value: Any, folder: Path) -> Any:
+    if not isinstance(value, (str, Path)):
+        return value  # validation names the wrong type
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else folder / path)
+
+
 def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
-    """Defaults < settings file < EDGE_AGENT_* environment < command-line flags."""
-    layered = read_settings_file(config_file) if config_file else {}
+    """Defaults < settings file < EDGE_AGENT_* environment < command-line flags.
+
+    Relative paths in the settings file are relative to its folder; in flags and the environment, to the
+    current directory (as on any command line); state paths, to state_dir.
+    """
+    layered = anchor_paths(read_settings_file(config_file), config_file.absolute().parent) if config_file else {}
     layered = deep_merge(layered, environment_values())
     return validate_settings(deep_merge(layered, flags or {}))
 
@@ -285,7 +353,7 @@ def settings_reference(model: type[BaseModel] = Settings, prefix: str = "") -> l
             rows += settings_reference(annotation, key + ".")
             continue
         default = field.get_default(call_default_factory=True)
-        if isinstance(default, str) and default.startswith(str(REPO_ROOT)):
+        if isinstance(default, str) and default.startswith(str(PACKAGE)):
             default = _display_path(Path(default))
         elif isinstance(default, Path) or (isinstance(default, list) and default and isinstance(default[0], Path)):
             default = [_display_path(p) for p in default] if isinstance(default, list) else _display_path(default)
@@ -294,9 +362,9 @@ def settings_reference(model: type[BaseModel] = Settings, prefix: str = "") -> l
 
 
 def _display_path(path: Path) -> str:
-    """Paths inside the checkout shown relative to it, so the table reads the same on every machine."""
+    """Paths inside the installed package shown from its name (agent/...), so the table reads the same everywhere."""
     try:
-        return str(path.relative_to(REPO_ROOT))
+        return str(path.relative_to(PACKAGE.parent))
     except ValueError:
         return str(path)
 

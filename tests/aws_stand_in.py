@@ -39,17 +39,21 @@ def moto_server() -> Iterator[str]:
 
 @pytest.fixture
 def aws_env(tmp_path_factory, monkeypatch) -> dict[str, str]:
-    """Environment for boto3 here and in CLI processes: dummy credentials, no developer config."""
+    """Environment for boto3 here and in CLI processes: dummy credentials, no developer config.
+
+    The region is AWS_REGION, as the runbook tells operators to set it (boto3 alone reads only
+    AWS_DEFAULT_REGION, which is removed so that a command ignoring AWS_REGION fails here).
+    """
     home = tmp_path_factory.mktemp("aws-home")
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
         "AWS_CONFIG_FILE": str(home / "config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"):
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

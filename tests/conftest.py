@@ -51,6 +51,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         assert needle in line, line
 
 
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path, monkeypatch) -> Path:
+    """Each test's agents keep their outbox and model store apart (state_dir defaults to $XDG_STATE_HOME/edge-agent)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    return tmp_path / "xdg-state" / "edge-agent"
+
+
 @pytest.fixture(scope="session")
 def shipped_bundle() -> Path:
     return SHIPPED_BUNDLE

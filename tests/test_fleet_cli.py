@@ -21,7 +21,7 @@ from conftest import REPO, agent_env, one_line_error, run_cli
 
 from agent.bundles.bundle import open_bundle, sha256_file
 from agent.bundles.document import document_signed_bytes, parse_update
-from agent.bundles.signing import verify
+from agent.bundles.signing import key_id, load_public_key, verify
 from agent.settings import load_settings
 
 ROLE = "arn:aws:iam::123456789012:role/edge-presign"
@@ -292,7 +292,8 @@ def test_bad_bundle_is_one_line_before_any_upload(aws, tmp_path, bucket, test_ke
 def test_bundle_signed_by_another_key_is_refused(aws, tmp_path, bucket, test_key, other_key):
     bundle = make_bundle(tmp_path / "b", other_key[0])
     line = fleet_error(publish(aws, bundle, bucket, test_key[0], "--thing", "device-1"))
-    assert "untrusted key" in line
+    assert f"signed by key {key_id(load_public_key(other_key[1]))}, not by --signing-key" in line
+    assert "trusted_keys" not in line  # advice for the operator, not for a device
 
 
 def test_jobs_need_a_presign_role(aws, bucket, unsigned_bundle, test_key):

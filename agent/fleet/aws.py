@@ -2,13 +2,16 @@
 
 Every request goes through `Aws.call`, so three things hold everywhere: a boto3 failure (no credentials,
 missing bucket, refused permission) becomes a `CloudError` naming the call and the fix; `--endpoint-url`
-points every service at one stand-in (moto in the tests); and `--dry-run` records each request that would
-change something (and answers it with placeholders shaped like AWS's reply) while reads still run, so the
-printed plan is exactly what a real run would send to this account.
+(or AWS's own AWS_ENDPOINT_URL) points every service at one stand-in (moto in the tests); and `--dry-run`
+records each request that would change something (and answers it with placeholders shaped like AWS's
+reply) while reads still run, so the printed plan is exactly what a real run would send to this account.
+The region is --region, else AWS_REGION, else AWS_DEFAULT_REGION or the profile's (the AWS CLI's order).
 """
 
 from __future__ import annotations
 
+import http
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +24,17 @@ READ_ONLY = ("Describe", "Get", "List", "Head", "Search")
 # Error codes that mean "does not exist" (IoT, S3 HeadObject/HeadBucket, iot-data shadows, Greengrass).
 NOT_FOUND = {"ResourceNotFoundException", "NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedException", "UnrecognizedClientException", "InvalidClientTokenId", "ExpiredToken", "ExpiredTokenException", "403"}
+
+
+ENDPOINT_ADVICE = "check --region, --endpoint-url (or AWS_ENDPOINT_URL), the network and any proxy"
+
+
+def _status_text(status: int | None) -> str:
+    """404 -> '404 Not Found'."""
+    try:
+        return f"{status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
 
 
 class CloudError(AgentError):
@@ -63,15 +77,18 @@ class Aws:
 
     @property
     def session(self):
+        """The boto3 session; made first by every request, so a missing `fleet` extra is one line, not a traceback."""
         if self._session is None:
             try:
                 import boto3
                 import botocore.exceptions
-            except ImportError:
-                raise CloudError("boto3 is not installed; install the operator tools with `pip install 'edge-agent[fleet]'`") from None
+                import tqdm  # noqa: F401 -- the upload progress bar; part of the same extra
+            except ImportError as missing:
+                raise CloudError(f"{missing.name} is not installed; install the operator tools with `pip install 'edge-agent[fleet]'`") from None
 
+            region = self.options.region or os.environ.get("AWS_REGION") or None  # botocore itself reads only AWS_DEFAULT_REGION
             try:
-                self._session = boto3.Session(profile_name=self.options.profile, region_name=self.options.region)
+                self._session = boto3.Session(profile_name=self.options.profile, region_name=region)
             except botocore.exceptions.ProfileNotFound:
                 raise CloudError(f"AWS profile {self.options.profile!r} not found; check --profile against ~/.aws/config") from None
         return self._session
@@ -84,16 +101,27 @@ class Aws:
         return region
 
     def client(self, service: str):
-        """The boto3 client for `service`; iot-data is pointed at this account's own ATS data endpoint."""
+        """The boto3 client for `service`; iot-data is pointed at this account's own ATS data endpoint unless
+        an endpoint is configured (--endpoint-url, AWS_ENDPOINT_URL[_IOT_DATA] or the profile's endpoint_url)."""
         if service not in self._clients:
+            session = self.session
             from botocore.config import Config
 
             endpoint = self.options.endpoint_url
-            if service == "iot-data" and endpoint is None:
+            if service == "iot-data" and endpoint is None and self.configured_endpoint(service) is None:
                 endpoint = "https://" + self.call("iot", "describe_endpoint", endpointType="iot:Data-ATS")["endpointAddress"]
             config = Config(retries={"mode": "standard", "max_attempts": 5}, user_agent_extra="edge-fleet")
-            self._clients[service] = self.session.client(service, region_name=self.region, endpoint_url=endpoint, config=config)
+            self._clients[service] = session.client(service, region_name=self.region, endpoint_url=endpoint, config=config)
         return self._clients[service]
+
+    def configured_endpoint(self, service: str) -> str | None:
+        """The endpoint AWS's own configuration names for `service`, found the way botocore finds it."""
+        from botocore.configprovider import ConfiguredEndpointProvider
+
+        core = self.session._session  # boto3's botocore session: the one the clients read their configuration from
+        if core.get_config_variable("ignore_configured_endpoint_urls"):
+            return None
+        return ConfiguredEndpointProvider(full_config=core.full_config, scoped_config=core.get_scoped_config(), client_name=service).provide()
 
     def operation(self, service: str, method: str) -> str:
         """boto3 method name -> AWS operation name (create_thing -> CreateThing)."""
@@ -139,13 +167,17 @@ class Aws:
     def translating(self, service: str, operation: str, fix: str | None = None) -> Iterator[None]:
         """boto3/botocore exceptions -> CloudError with one line: which call, what AWS said, what to do."""
         import botocore.exceptions as bx
+        from botocore.parsers import ResponseParserError
 
         try:
             yield
         except bx.ClientError as exc:
             error = exc.response.get("Error", {})
-            code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "error"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(error.get("Code") or status or "error")
             message = " ".join(str(error.get("Message") or "").split()) or "no message"
+            if message.startswith("<"):  # a web page (a wrong endpoint, a proxy), not an AWS error: never quote it
+                raise CloudError(f"AWS {service} {operation} failed: HTTP {_status_text(status)} from {self.client(service).meta.endpoint_url}, which does not answer as AWS does; {ENDPOINT_ADVICE}", code) from None
             if code in DENIED:
                 advice = f"check the credentials in use and that their IAM policy allows {service.split('-')[0]}:{operation}"
             elif code in NOT_FOUND:
@@ -158,7 +190,9 @@ class Aws:
         except bx.NoRegionError:
             raise CloudError("no AWS region set; pass --region or set AWS_REGION (or a region in the profile)") from None
         except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError) as exc:
-            raise CloudError(f"AWS {service} {operation}: cannot reach {getattr(exc, 'kwargs', {}).get('endpoint_url', 'the endpoint')}; check --region, --endpoint-url and the network") from None
+            raise CloudError(f"AWS {service} {operation}: cannot reach {getattr(exc, 'kwargs', {}).get('endpoint_url', 'the endpoint')}; {ENDPOINT_ADVICE}") from None
+        except ResponseParserError:
+            raise CloudError(f"AWS {service} {operation}: {self.client(service).meta.endpoint_url} answered with something that is not an AWS reply; {ENDPOINT_ADVICE}") from None
         except bx.ParamValidationError as exc:
             raise CloudError(f"AWS {service} {operation}: invalid request ({' '.join(str(exc).split())}); fix the value named") from None
         except bx.BotoCoreError as exc:

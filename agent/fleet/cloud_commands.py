@@ -23,11 +23,11 @@ Subcommands = argparse._SubParsersAction
 
 def add_aws_options(parser: argparse.ArgumentParser, *, changes: bool) -> None:
     aws = parser.add_argument_group("AWS")
-    aws.add_argument("--region", help="AWS region (default: AWS_REGION or the profile's)")
+    aws.add_argument("--region", help="AWS region (default: AWS_REGION, else AWS_DEFAULT_REGION or the profile's)")
     aws.add_argument("--profile", help="AWS named profile (default: AWS_PROFILE or the default chain)")
-    aws.add_argument("--endpoint-url", help="send every AWS request here instead (a local stand-in such as moto)")
+    aws.add_argument("--endpoint-url", help="send every AWS request here instead, e.g. a local stand-in such as moto (default: AWS_ENDPOINT_URL if set)")
     if changes:
-        aws.add_argument("--dry-run", action="store_true", help="change nothing: print the exact requests that would be made, as JSON")
+        aws.add_argument("--dry-run", action="store_true", help="change nothing: print the exact requests that would be made, as JSON; reads still run, so it needs credentials and the network")
 
 
 def make_aws(args: argparse.Namespace):
@@ -60,7 +60,7 @@ def add_rollout_options(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("rollout engine")
     engine.add_argument("--via", choices=["jobs", "greengrass"], default="jobs", help="an IoT Job, or a Greengrass deployment of the model component (default jobs)")
     engine.add_argument("--presign-role-arn", help="(jobs) IAM role IoT Core assumes to presign the bundle's S3 URL")
-    engine.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help=f"(greengrass) model component recipe (default {DEFAULT_RECIPE})")
+    engine.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="(greengrass) model component recipe (default: deploy/greengrass/model/recipe.json, shipped with the agent)")
     engine.add_argument("--continuous", action="store_true", help="(jobs) devices added to the group later get the update too")
     pacing = parser.add_argument_group("rollout pacing, abort and timeout (same for jobs and greengrass)")
     for name, info in Rollout.model_fields.items():
@@ -77,6 +77,13 @@ def rollout_from(args: argparse.Namespace):
         first = exc.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")
         raise ConfigError(f"{flag}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def bundle_argument(value: str) -> Path:
+    """A bundle path; the word `shipped` names the bundle shipped in the package (./shipped is a folder of that name)."""
+    from agent.settings import SHIPPED_BUNDLE
+
+    return SHIPPED_BUNDLE if value == "shipped" else Path(value)
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +165,7 @@ def add_provision_command(commands: Subcommands) -> None:
     provision.add_argument("thing", help="thing name (also the device's MQTT client id)")
     provision.add_argument("--group", help="thing group to add it to (created if missing)")
     provision.add_argument("--out", type=Path, required=True, help="folder to write agent.yaml, certificate, private key and root CA to (made 0700)")
-    provision.add_argument("--device-dir", type=Path, help="where that folder will be on the device, for the paths in agent.yaml (default: --out)")
+    provision.add_argument("--device-dir", type=Path, help="where that folder will be on the device, to write absolute paths in agent.yaml (default: paths relative to agent.yaml, so the folder can go anywhere)")
     provision.add_argument("--trusted-key", type=Path, action="append", help="public key that signs your models, copied for the device (repeatable)")
     provision.add_argument("--policy-name", default=DEFAULT_POLICY_NAME, help=f"IoT policy to attach, created if missing (default {DEFAULT_POLICY_NAME})")
     provision.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE, help="policy document used when creating it (default deploy/iot/policy.json)")
@@ -169,7 +176,7 @@ def add_provision_command(commands: Subcommands) -> None:
 def add_release_commands(model: Subcommands) -> None:
     """`model publish` and `model rollback`, added to the `model` group."""
     publish = model.add_parser("publish", help="sign if needed, upload to S3, and roll out to a thing or thing group")
-    publish.add_argument("bundle", type=Path, help="bundle directory or .zip")
+    publish.add_argument("bundle", type=bundle_argument, help="bundle directory or .zip, or `shipped`: the model the agent ships with, which devices start with (publish it once to be able to roll back to it)")
     add_target_options(publish)
     publish.add_argument("--bucket", required=True, help="S3 bucket for model artifacts (must exist)")
     publish.add_argument("--signing-key", type=Path, default=DEFAULT_PRIVATE_KEY, help=f"Ed25519 private key (default {DEFAULT_PRIVATE_KEY})")

@@ -2,7 +2,7 @@
 
 The folder holds the device's settings file (validated by agent.settings.Settings before anything is
 written), its certificate, private key (0600, never overwritten) and the Amazon root CA, in a 0700
-directory. The IoT policy is the project's least-privilege one (deploy/iot/policy.json), created once per
+directory. The settings name those files relative to themselves, so the folder works wherever it is copied. The IoT policy is the project's least-privilege one (deploy/iot/policy.json), created once per
 account and shared by every device through its `${iot:Connection.Thing.ThingName}` variables.
 """
 
@@ -17,9 +17,9 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
-from agent.settings import AMAZON_ROOT_CA, REPO_ROOT, validate_settings
+from agent.settings import AMAZON_ROOT_CA, SHIPPED, validate_settings
 
-DEFAULT_POLICY_FILE = REPO_ROOT / "deploy" / "iot" / "policy.json"
+DEFAULT_POLICY_FILE = SHIPPED / "iot-policy.json"  # deploy/iot/policy.json, shipped in the package
 DEFAULT_POLICY_NAME = "edge-agent"
 SETTINGS_FILE = "agent.yaml"
 CERT_FILE = "device.pem.crt"
@@ -40,15 +40,17 @@ def policy_document(path: Path, region: str, account: str) -> str:
     return text.replace(ARN_PLACEHOLDER, f"arn:aws:iot:{region}:{account}:")
 
 
-def device_settings(thing: str, endpoint: str, device_dir: Path, trusted_keys: list[str]) -> dict[str, Any]:
-    """The agent settings a provisioned device starts with (paths as they will be on the device)."""
+def device_settings(thing: str, endpoint: str, device_dir: Path | None, trusted_keys: list[str]) -> dict[str, Any]:
+    """The agent settings a provisioned device starts with: file names relative to the settings file, or
+    absolute under `device_dir` when given."""
+    folder = device_dir or Path()
     values: dict[str, Any] = {
         "thing_name": thing,
         "transport": "mqtt",
-        "mqtt": {"endpoint": endpoint, "port": 8883, "cert": str(device_dir / CERT_FILE), "key": str(device_dir / KEY_FILE), "ca": str(device_dir / CA_FILE)},
+        "mqtt": {"endpoint": endpoint, "port": 8883, "cert": str(folder / CERT_FILE), "key": str(folder / KEY_FILE), "ca": str(folder / CA_FILE)},
     }
     if trusted_keys:
-        values["model"] = {"trusted_keys": [str(device_dir / name) for name in trusted_keys]}
+        values["model"] = {"trusted_keys": [str(folder / name) for name in trusted_keys]}
     return values
 
 
@@ -79,7 +81,7 @@ def provision(
 ) -> dict[str, Any]:
     """Register `thing` and write its credentials and settings to `out`; returns what was made."""
     out = Path(out)
-    device_dir = Path(device_dir) if device_dir else out.resolve()
+    device_dir = Path(device_dir) if device_dir else None
     keys = [Path(key) for key in trusted_keys]
     for key in keys:
         if not key.is_file():

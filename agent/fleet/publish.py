@@ -1,7 +1,8 @@
 """`edge-fleet model publish`, first half: a bundle checked, signed and uploaded where devices can fetch it.
 
 The bundle is zipped (reproducibly) and verified against the operator's signing key before anything goes
-to S3; an unsigned bundle is signed on a copy, never in place. The zip lands under a content-addressed key
+to S3; an unsigned bundle, or one signed by a development key shipped with the agent (the model devices
+start with), is signed with the operator's key on a copy, never in place. The zip lands under a content-addressed key
 (`models/<name>/<sha256>/<file name>`), so a repeat upload is skipped and a key always means the same bytes. Beside
 it goes a release record (`models/<name>/versions/<version>.json`: the signed job document's fields), which
 is how `model rollback` finds an older version's artifact without re-uploading anything.
@@ -13,17 +14,20 @@ import dataclasses
 import json
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from pydantic import ValidationError
 
-from agent.bundles.bundle import open_bundle, sha256_file
+from agent.bundles.bundle import SIGNATURE, open_bundle, sha256_file
 from agent.bundles.document import ModelUpdate, document_signed_bytes
-from agent.bundles.signing import Signature, load_private_key, sign
+from agent.bundles.signing import Signature, key_id, load_private_key, load_public_key, sign
 from agent.errors import ModelError
 from agent.fleet.aws import Aws
 from agent.fleet.packing import OPERATOR_MAX_BYTES, sign_bundle, write_zip
+from agent.settings import DEV_SIGNING_KEYS
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,13 @@ def prepare(bundle: Path, signing_key: Path, workdir: Path, bucket: str, file_na
         shutil.copyfile(bundle, artifact)
     else:
         raise ModelError(f"{bundle}: no such bundle; pass a bundle directory or .zip")
-    checked = open_bundle(artifact, trusted_keys=[public], require_signature=False, max_bytes=OPERATOR_MAX_BYTES)
-    if checked.signer is None:
+    operator = key_id(key.public_key())
+    signer = _named_signer(artifact)
+    development = {key_id(load_public_key(path)) for path in DEV_SIGNING_KEYS}
+    if signer not in {None, operator, *development}:
+        raise ModelError(f"{bundle}: signed by key {signer}, not by --signing-key {signing_key} (key {operator}); pass the key that signed it, or publish an unsigned copy, which is signed for you")
+    checked = open_bundle(artifact, trusted_keys=[public, *DEV_SIGNING_KEYS], require_signature=False, max_bytes=OPERATOR_MAX_BYTES)
+    if checked.signer != operator:
         sign_bundle(artifact, signing_key)
         checked = open_bundle(artifact, trusted_keys=[public], max_bytes=OPERATOR_MAX_BYTES)
     manifest = checked.manifest
@@ -84,6 +93,15 @@ def prepare(bundle: Path, signing_key: Path, workdir: Path, bucket: str, file_na
     signature = Signature.model_validate_json(sign(document_signed_bytes(manifest.name, manifest.version, sha256, size), key))
     release = Release(manifest.name, manifest.version, sha256, size, signature, bucket, f"models/{manifest.name}/{sha256}/{file_name}")
     return artifact, release
+
+
+def _named_signer(zip_path: Path) -> str | None:
+    """The key id a bundle zip's manifest.sig names (not yet verified), or None if it has none to read."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            return Signature.model_validate_json(archive.read(SIGNATURE)).key_id
+    except (KeyError, zipfile.BadZipFile, ValidationError):
+        return None  # unsigned, or unreadable: open_bundle says which
 
 
 def upload(aws: Aws, artifact: Path, release: Release) -> None:
@@ -117,7 +135,7 @@ def find_release(aws: Aws, bucket: str, version: str, name: str | None) -> Relea
         names = [entry["Prefix"].split("/")[1] for entry in prefixes]
         names = [candidate for candidate in names if aws.exists("s3", "head_object", Bucket=bucket, Key=record_key(candidate, version))]
         if not names:
-            raise ModelError(f"version {version} was never published to s3://{bucket}; check --to and --bucket")
+            raise ModelError(f"version {version} was never published to s3://{bucket}; check --to and --bucket, or publish it first (`edge-fleet model publish shipped ...` releases the model devices start with)")
         if len(names) > 1:
             raise ModelError(f"version {version} was published in s3://{bucket} for models {', '.join(names)}; pass --name to say which")
         name = names[0]

@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
-from agent.settings import REPO_ROOT
+from agent.settings import SHIPPED
 
 if TYPE_CHECKING:  # publish pulls in the device-side update code; `--help` should not
     from agent.fleet.publish import Release
 
-DEFAULT_RECIPE = REPO_ROOT / "deploy" / "greengrass" / "model" / "recipe.json"
+DEFAULT_RECIPE = SHIPPED / "model-recipe.json"  # deploy/greengrass/model/recipe.json, shipped in the package
 PRESIGNED_URL_SECONDS = 3600
 
 

@@ -144,8 +144,9 @@ def render(status: FleetStatus, colour: bool = False) -> str:
     for device, row in zip(status.devices, rows):
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
         lines.append(f"\x1b[31m{line}\x1b[0m" if colour and device.failed else line)
-    versions = ", ".join(f"{version}: {count}" for version, count in status.versions.items()) or "no devices"
-    lines.append(f"{len(status.devices)} devices; models {versions}; failed: {len(status.failed)}")
+    versions = ", ".join(f"{version}: {count}" for version, count in status.versions.items()) or "none"
+    count = len(status.devices)
+    lines.append(f"{count} device{'' if count == 1 else 's'}; models {versions}; failed: {len(status.failed)}")
     return "\n".join(lines)
 
 

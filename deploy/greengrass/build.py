@@ -1,14 +1,18 @@
 """Build the two Greengrass components' artifacts and recipes, byte for byte the same on every run.
 
-    python deploy/greengrass/build.py            # both components -> deploy/greengrass/greengrass-build/
-    python deploy/greengrass/build.py agent      # what `gdk component build` runs (custom build)
-    python deploy/greengrass/build.py model
+    python deploy/greengrass/build.py            # both components, each into its GDK folder (below)
+    python deploy/greengrass/build.py agent      # deploy/greengrass/greengrass-build/ (what `gdk component build` runs)
+    python deploy/greengrass/build.py model      # deploy/greengrass/model/greengrass-build/
     python deploy/greengrass/build.py recipe     # rewrite recipe.json's DefaultConfiguration from agent.settings
 
-Output follows GDK's layout: greengrass-build/artifacts/<component>/<version>/ and greengrass-build/recipes/.
-Reproducible: everything comes from the last commit (git archive HEAD, so commit first), the wheel is
-built with SOURCE_DATE_EPOCH = that commit's time, and the model bundle is zipped in sorted order with
-fixed timestamps and permissions.
+Run it with the project's venv (`make component` does): the model's zip is made by the agent's own packing
+code. Output follows GDK's layout, greengrass-build/artifacts/<component>/<version>/ and
+greengrass-build/recipes/, in each component's folder (next to its gdk-config.json, where `gdk component
+publish` looks); every file written is printed with its absolute path. Reproducible: everything comes from
+the last commit (git archive HEAD, so commit first), the wheel is built with SOURCE_DATE_EPOCH = that
+commit's time, and the model bundle is zipped in sorted order with fixed timestamps and permissions.
+`--trusted-key` is the public key the agent component trusts for model updates (model-signing.pub): your
+fleet's key; the default is the development key.
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ AGENT_RECIPE = HERE / "recipe.json"
 MODEL_RECIPE = HERE / "model" / "recipe.json"
 MODEL_BUNDLE = Path("models/mnist/bundle")  # paths inside the committed tree
 BUNDLE_ZIP = "mnist-bundle.zip"  # the nucleus unpacks it to {decompressedPath}/mnist-bundle/
-SIGNING_KEY = Path("models/keys/dev-signing.pub")
+TRUSTED_KEY = REPO / "models" / "keys" / "dev-signing-2026-12.pub"  # the development key whose private half exists
+GDK_BUILD = "greengrass-build"  # GDK's output folder, next to each component's gdk-config.json
 # Settings that name something on the build machine, replaced by what a device has. The rest of the
 # DefaultConfiguration is the settings' own defaults; a null leaves a setting to the Run script's flags.
 DEVICE_DEFAULTS = {"thing_name": None, "transport": "greengrass", "source": {"spec": "camera:0"}}
 
 
 def default_configuration() -> dict:
-    """Every setting, with agent.settings's names and defaults; paths of this machine become null."""
-    from agent.settings import Settings, deep_merge
+    """Every setting, with agent.settings's names and declared defaults; paths of this machine become null."""
+    from agent.settings import PACKAGE, Settings, deep_merge
 
     def portable(value):
         if isinstance(value, dict):
@@ -45,9 +50,10 @@ def default_configuration() -> dict:
         if isinstance(value, list):
             kept = [portable(item) for item in value]
             return None if None in kept else kept
-        return None if isinstance(value, str) and value.startswith(str(REPO)) else value
+        return None if isinstance(value, str) and value.startswith(str(PACKAGE)) else value
 
-    return deep_merge(portable(Settings().model_dump(mode="json")), DEVICE_DEFAULTS)
+    # Declared defaults, unvalidated: validation would resolve state paths against this machine's state_dir.
+    return deep_merge(portable(Settings.model_construct().model_dump(mode="json")), DEVICE_DEFAULTS)
 
 
 def write_recipe_configuration() -> None:
@@ -87,40 +93,49 @@ def stage(recipe_path: Path, build: Path) -> tuple[dict, Path]:
     return recipe, artifacts
 
 
-def build_agent(tree: Path, build: Path) -> None:
+def build_agent(tree: Path, build: Path, trusted_key: Path) -> None:
     recipe, artifacts = stage(tree / AGENT_RECIPE.relative_to(REPO), build)
     wheel = build_wheel(tree, artifacts)
     expected = {Path(a["Uri"]).name for m in recipe["Manifests"] for a in m["Artifacts"]}
     if wheel.name not in expected:
         raise SystemExit(f"built {wheel.name} but recipe.json names {sorted(expected)}; update its Artifacts and Run script")
     shutil.copy2(tree / "constraints.txt", artifacts / "constraints.txt")
-    shutil.copy2(tree / SIGNING_KEY, artifacts / "model-signing.pub")
+    shutil.copyfile(trusted_key, artifacts / "model-signing.pub")
 
 
 def build_model(tree: Path, build: Path) -> None:
-    _, artifacts = stage(tree / MODEL_RECIPE.relative_to(REPO), build)
-    from agent.fleet.packing import write_zip
+    try:
+        from agent.fleet.packing import write_zip
+    except ImportError as missing:
+        raise SystemExit(f"build.py model needs the project's venv ({missing.name} is missing): run `make component`, or run build.py and gdk with .venv/bin/python") from None
 
+    _, artifacts = stage(tree / MODEL_RECIPE.relative_to(REPO), build)
     write_zip(tree / MODEL_BUNDLE, artifacts / BUNDLE_ZIP)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", choices=["all", "agent", "model", "recipe"], default="all")
-    parser.add_argument("--out", type=Path, default=HERE / "greengrass-build")
+    parser.add_argument("--out", type=Path, help=f"output folder (default: {GDK_BUILD}/ in each component's folder)")
+    parser.add_argument("--trusted-key", type=Path, default=TRUSTED_KEY, help="public key the agent trusts for model updates, shipped as model-signing.pub (default: the development key)")
     args = parser.parse_args()
     if args.what == "recipe":
         write_recipe_configuration()
         return
+    if not args.trusted_key.is_file():
+        raise SystemExit(f"--trusted-key {args.trusted_key}: no such file; pass your fleet's public key (edge-fleet model keygen writes it)")
+    chosen = ["agent", "model"] if args.what == "all" else [args.what]
+    outputs = {name: (args.out or recipe.parent / GDK_BUILD).resolve() for name, recipe in (("agent", AGENT_RECIPE), ("model", MODEL_RECIPE)) if name in chosen}
     with tempfile.TemporaryDirectory() as scratch:
         tree = export_head(Path(scratch))
-        if args.what in ("all", "agent"):
-            build_agent(tree, args.out)
-        if args.what in ("all", "model"):
-            build_model(tree, args.out)
-    for path in sorted(args.out.rglob("*")):
-        if path.is_file():
-            print(path.relative_to(args.out))
+        if "agent" in outputs:
+            build_agent(tree, outputs["agent"], args.trusted_key)
+        if "model" in outputs:
+            build_model(tree, outputs["model"])
+    for out in sorted(set(outputs.values())):
+        for path in sorted(out.rglob("*")):
+            if path.is_file():
+                print(path)
 
 
 if __name__ == "__main__":
