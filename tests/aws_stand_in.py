@@ -67,10 +67,10 @@ def aws(moto_server, aws_env) -> str:
     return moto_server
 
 
-def client(endpoint: str, service: str):
+def client(endpoint: str, service: str, region: str = REGION):
     import boto3
 
-    return boto3.client(service, region_name=REGION, endpoint_url=endpoint)
+    return boto3.client(service, region_name=region, endpoint_url=endpoint)
 
 
 def set_job_execution(job_id: str, thing: str, status: str, details: dict[str, str] | None = None) -> None:

@@ -6,10 +6,15 @@ moto fakes as always connected) are checked as recorded request/response shapes 
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
+import sysconfig
+import threading
 import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jsonschema
@@ -22,7 +27,7 @@ from conftest import REPO, agent_env, one_line_error, run_cli
 from agent.bundles.bundle import open_bundle, sha256_file
 from agent.bundles.document import document_signed_bytes, parse_update
 from agent.bundles.signing import key_id, load_public_key, verify
-from agent.settings import load_settings
+from agent.settings import DEV_SIGNING_KEYS, SHIPPED_BUNDLE, load_settings
 
 ROLE = "arn:aws:iam::123456789012:role/edge-presign"
 
@@ -187,6 +192,46 @@ def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket
     assert "version 0.9.0 was never published" in line
 
 
+def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aws, tmp_path, bucket):
+    """keygen -> provision --trusted-key -> the device starts on the model it shipped with -> publish shipped (its
+    1.0.0 released under the fleet key) -> publish 1.1.0 -> rollback --to 1.0.0, which the device's keys accept."""
+    key = tmp_path / "keys" / "fleet.key"
+    assert run_cli("model", "keygen", "--key", key, program="agent.fleet").returncode == 0
+    provisioned = fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "device", "--trusted-key", key.with_suffix(".pub"))
+    assert provisioned.returncode == 0, provisioned.stderr
+    settings = load_settings(tmp_path / "device" / "agent.yaml")
+    assert [path.name for path in settings.model.trusted_keys] == ["fleet.pub"]  # the device trusts the fleet key only
+
+    # The device starts (from another directory) on the shipped model, signed by a development key.
+    (tmp_path / "elsewhere").mkdir()
+    started = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", tmp_path / "device" / "agent.yaml", "--transport", "console", "--max-frames", "10"],
+        capture_output=True, text=True, timeout=120, env=agent_env(), cwd=tmp_path / "elsewhere",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert {json.loads(line)["model"]["version"] for line in started.stdout.splitlines()} == {"1.0.0"}
+
+    starting = publish(aws, "shipped", bucket, key, "--group", "line-a")
+    assert starting.returncode == 0, starting.stderr
+    starting = json.loads(starting.stdout)
+    newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.1.0"))
+    assert publish(aws, newer, bucket, key, "--group", "line-a").returncode == 0
+
+    result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.0.0", "--bucket", bucket, "--presign-role-arn", ROLE)
+    assert result.returncode == 0, result.stderr
+    document = parse_update(json.loads(client(aws, "iot").get_job_document(jobId=json.loads(result.stdout)["job_id"])["document"]))
+    assert (document.version, document.sha256, document.allow_downgrade) == ("1.0.0", starting["sha256"], True)
+    # What the device checks before it installs it (agent/bundles/updates.py), with its own trusted keys.
+    signed = document_signed_bytes(document.name, document.version, document.sha256, document.size)
+    fleet_key = verify(signed, document.signature.model_dump_json().encode(), settings.model.trusted_keys, "job document")
+    artifact = tmp_path / "rollback.zip"
+    client(aws, "s3").download_file(bucket, starting["s3"].split("/", 3)[3], str(artifact))
+    assert sha256_file(artifact) == document.sha256
+    bundle = open_bundle(artifact, trusted_keys=settings.model.trusted_keys)
+    assert (bundle.manifest.version, bundle.signer) == ("1.0.0", fleet_key)
+    assert bundle.manifest.files == open_bundle(SHIPPED_BUNDLE, trusted_keys=DEV_SIGNING_KEYS).manifest.files  # the shipped model, re-signed
+
+
 def test_job_cancel(aws, tmp_path, bucket, unsigned_bundle, test_key):
     assert fleet(aws, "provision", "device-1", "--out", tmp_path / "d1").returncode == 0
     job = json.loads(publish(aws, unsigned_bundle, bucket, test_key[0], "--thing", "device-1").stdout)["job_id"]
@@ -259,7 +304,73 @@ def test_fleet_status_watch_redraws_until_the_rollout_settles(aws, tmp_path):
     assert rest.rstrip().endswith("3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 0")
 
 
+def test_one_device_is_counted_as_one_device(aws, tmp_path):
+    assert fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "d1").returncode == 0
+    result = fleet(aws, "fleet", "status", "--group", "line-a")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "1 device; models unknown: 1; failed: 0"
+
+
+# --- where requests go: AWS_REGION, AWS_ENDPOINT_URL ----------------------------------------------------------
+
+
+def test_aws_region_is_honoured_before_aws_default_region(aws, tmp_path, monkeypatch):
+    """The runbook and --help tell operators to set AWS_REGION; it wins over AWS_DEFAULT_REGION, as in the AWS CLI."""
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    result = fleet(aws, "provision", "device-1", "--out", tmp_path / "d1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["endpoint"].endswith("-ats.iot.eu-west-1.amazonaws.com")
+    assert "arn:aws:iot:eu-west-1:123456789012:client/" in client(aws, "iot", "eu-west-1").get_policy(policyName="edge-agent")["policyDocument"]
+
+
+def test_aws_endpoint_url_reaches_every_call_including_the_shadow_reads(aws, tmp_path, monkeypatch):
+    """No --endpoint-url: AWS's own AWS_ENDPOINT_URL sends IoT, S3 and iot-data (the shadows) to the stand-in."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws)
+    provisioned = run_cli("provision", "device-1", "--group", "line-a", "--out", tmp_path / "d1", env=agent_env(), program="agent.fleet")
+    assert provisioned.returncode == 0, provisioned.stderr
+    reported = {"state": {"reported": {"model": {"name": "mnist-int8", "version": "1.0.0"}}}}
+    client(aws, "iot-data").update_thing_shadow(thingName="device-1", payload=json.dumps(reported))
+    result = run_cli("fleet", "status", "--group", "line-a", "--json", env=agent_env(), program="agent.fleet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["devices"][0]["model_version"] == "1.0.0"  # read from the shadow, at the stand-in
+
+
 # --- errors: one line, exit 2 ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """A plain web server (not AWS): 404 pages for GET, 501 pages for POST, both HTML."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("command", [("fleet", "status"), ("provision", "device-1", "--out", "unused")])
+def test_an_endpoint_that_is_not_aws_is_one_line_without_its_page(aws_env, web_server, command):
+    line = fleet_error(run_cli(*command, "--endpoint-url", web_server, env=agent_env(), program="agent.fleet"))
+    assert web_server in line and ("does not answer as AWS does" in line or "not an AWS reply" in line)
+    assert "<" not in line and "html" not in line.lower()
+
+
+def test_without_the_fleet_extra_the_operator_is_told_how_to_install_it(tmp_path):
+    """Python packages as a device has them: everything but boto3, botocore and s3transfer (the `fleet` extra)."""
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(("boto3", "botocore", "s3transfer", "__editable__", "_edge_agent")) and entry.suffix != ".pth":
+            (packages / entry.name).symlink_to(entry)
+    env = {**agent_env(), "PYTHONPATH": f"{packages}{os.pathsep}{REPO}"}
+    line = fleet_error(subprocess.run([sys.executable, "-S", "-m", "agent.fleet", "fleet", "status"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path))
+    assert line == "edge-fleet: boto3 is not installed; install the operator tools with `pip install 'edge-agent[fleet]'`"
+    keygen = subprocess.run([sys.executable, "-S", "-m", "agent.fleet", "model", "keygen", "--key", tmp_path / "k.key"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr  # what needs no AWS works without the extra
+
+
 
 
 def test_no_credentials_is_one_line(aws, tmp_path, monkeypatch):
@@ -405,6 +516,8 @@ def test_every_command_has_help():
         result = run_cli(*command, "--help", program="agent.fleet")
         assert result.returncode == 0 and "usage: edge-fleet" in result.stdout
         assert ("--dry-run" in result.stdout) == (command != ("fleet", "status"))
+        if "--dry-run" in result.stdout:  # a dry run still reads the account: the operator must know it needs both
+            assert "needs credentials and the network" in " ".join(result.stdout.split())
 
 
 def test_greengrass_dry_run_reads_the_current_deployment_and_records_the_rest(aws, tmp_path, bucket, unsigned_bundle, test_key):
