@@ -61,3 +61,11 @@ def test_the_model_build_without_the_projects_packages_says_it_needs_the_venv(tm
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "needs the project's venv" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_under_greengrass_the_agent_keeps_its_state_in_the_components_work_folder():
+    (manifest,) = json.loads((REPO / GREENGRASS / "recipe.json").read_text())["Manifests"]
+    assert "--state-dir {work:path}" in manifest["Lifecycle"]["Run"]["Script"]
+    configuration = json.loads((REPO / GREENGRASS / "recipe.json").read_text())["ComponentConfiguration"]["DefaultConfiguration"]
+    assert configuration["state_dir"] is None  # null: the Run script's flag decides
+    assert (configuration["outbox"]["path"], configuration["updates"]["store"]) == ("outbox.sqlite3", "models")  # inside it

@@ -112,7 +112,7 @@ def agent_run(transport: str, frames: int, workdir: Path, publishes_per_s: float
         configuration = merge_configuration(RECIPE["ComponentConfiguration"]["DefaultConfiguration"], settings)
         nucleus = IpcServer(workdir / "agent-ipc.socket", thing_name=THING, configuration=configuration).start()
         env = nucleus.component_env()
-        flags += ["--thing-name", THING]
+        flags += ["--thing-name", THING, "--state-dir", str(workdir)]  # as the recipe's Run script: state in {work:path}
     else:
         env = agent_env()
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def greengrass_paced(seconds: float, workdir: Path, fps: float = 30.0) -> dict:
     settings = {"source": {"spec": str(SAMPLE_VIDEO), "loop": True, "pace_fps": fps}}
     configuration = merge_configuration(RECIPE["ComponentConfiguration"]["DefaultConfiguration"], settings)
     with IpcServer(workdir / "paced-ipc.socket", thing_name=THING, configuration=configuration) as nucleus:
-        command = [sys.executable, "-m", "agent", "run", "--transport", "greengrass", "--thing-name", THING]
+        command = [sys.executable, "-m", "agent", "run", "--transport", "greengrass", "--thing-name", THING, "--state-dir", str(workdir)]
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=workdir, env=nucleus.component_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
