@@ -2,8 +2,9 @@
 
 The bundle is zipped (reproducibly) and verified against the operator's signing key before anything goes
 to S3; an unsigned bundle, or one signed by a development key shipped with the agent (the model devices
-start with), is signed with the operator's key on a copy, never in place. The zip lands under a content-addressed key
-(`models/<name>/<sha256>/<file name>`), so a repeat upload is skipped and a key always means the same bytes. Beside
+start with), is signed with the operator's key on a copy, never in place. The zip lands under a
+content-addressed key (`models/<name>/<sha256>/<file name>`), so a repeat upload is skipped and a key always
+means the same bytes. Beside
 it goes a release record (`models/<name>/versions/<version>.json`: the signed job document's fields), which
 is how `model rollback` finds an older version's artifact without re-uploading anything.
 """
