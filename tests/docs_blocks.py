@@ -86,8 +86,9 @@ def blocks(guide: str, root: Path = REPO) -> list[Block]:
 def scratch_checkout(dest: Path) -> Path:
     """A copy of the checkout's files (tracked, and new ones not ignored) with the project's venv in it.
 
-    `.venv` holds links to the project's venv and fresh `make` stamps, so `make demo` or `make component`
-    in the copy never reinstall anything; `.git` points at the checkout's repository, for `git archive`.
+    `.venv` holds links to the venv running this (the project's) and fresh `make` stamps, so `make demo` or
+    `make component` in the copy never reinstall anything; `.git` points at the checkout's repository, for
+    `git archive`.
     """
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
@@ -98,7 +99,7 @@ def scratch_checkout(dest: Path) -> Path:
         shutil.copy2(source, target, follow_symlinks=False)
     venv = dest / ".venv"
     venv.mkdir()
-    for entry in (REPO / ".venv").iterdir():
+    for entry in Path(sys.prefix).iterdir():
         if not entry.name.startswith(".installed"):
             (venv / entry.name).symlink_to(entry)
     for stamp in (".installed", ".installed-test"):

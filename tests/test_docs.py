@@ -12,7 +12,7 @@ import pytest
 from aws_stand_in import REGION, moto_server  # noqa: F401 (fixture)
 from docs_blocks import GUIDES, RUN, DocsError, blocks, buckets, environment, run, scratch_checkout
 
-GUIDE_TIMEOUT_S = 900  # make demo, make component and a wheel build are the slow blocks: about a minute in all
+GUIDE_TIMEOUT_S = 600  # make demo, make component and a wheel build are the slow blocks: about a minute in all
 
 
 def test_every_guide_marks_what_cannot_run_here():
@@ -50,6 +50,7 @@ def test_markers_decide_what_runs(tmp_path):
     assert [(block.line, block.status, block.why) for block in found] == [(1, "run", ""), (5, "needs-aws", ""), (9, "not-run", "slow")]
 
 
+@pytest.mark.timeout(GUIDE_TIMEOUT_S + 60)
 @pytest.mark.parametrize("guide", GUIDES)
 def test_guide_commands_run_as_written(guide, tmp_path, moto_server):  # noqa: F811
     runnable = [block for block in blocks(guide) if block.status == RUN]
