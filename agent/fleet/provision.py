@@ -2,7 +2,8 @@
 
 The folder holds the device's settings file (validated by agent.settings.Settings before anything is
 written), its certificate, private key (0600, never overwritten) and the Amazon root CA, in a 0700
-directory. The settings name those files relative to themselves, so the folder works wherever it is copied. The IoT policy is the project's least-privilege one (deploy/iot/policy.json), created once per
+directory. The settings name those files relative to themselves, so the folder works wherever it is
+copied. The IoT policy is the project's least-privilege one (deploy/iot/policy.json), created once per
 account and shared by every device through its `${iot:Connection.Thing.ThingName}` variables.
 """
 
