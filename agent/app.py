@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import signal
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,6 +27,8 @@ from agent.sources import FrameSource
 from agent.topics import Topics
 from agent.transport.base import Transport
 
+log = logging.getLogger(__name__)
+
 # Explicit registry: transport name -> "module:factory". Imported only when chosen, so the console
 # transport never pays for awscrt. Each factory takes (settings, topics) and returns a Transport.
 TRANSPORTS = {
@@ -32,16 +36,29 @@ TRANSPORTS = {
     "mqtt": "agent.transport.mqtt:from_settings",
     "greengrass": "agent.transport.greengrass:from_settings",
 }
-# Transports whose agent runs under a supervisor with its own say (the Greengrass nucleus; IoT Core's Jobs
-# and Shadow for mqtt). Each factory takes the settings and returns a Host; console runs under the do-nothing Host below.
-HOSTS = {"greengrass": "agent.cloud.nucleus:host_from_settings", "mqtt": "agent.cloud.iot_core:host_from_settings"}
+# What the agent can run under, besides nothing (the do-nothing Host): the Greengrass nucleus, or IoT Core's
+# Jobs and Shadow. Each factory takes the settings and returns a Host; host_name() picks one.
+HOSTS = {"nucleus": "agent.cloud.nucleus:host_from_settings", "iot-core": "agent.cloud.iot_core:host_from_settings"}
+# From the last frame to the exit, whatever the cloud does (systemd's TimeoutStopSec is 15 s): the outbox
+# drains and the offline status goes out within it; what is undelivered then waits in the outbox.
+STOP_TIMEOUT_S = 4.0
+
+
+def host_name(settings: Settings) -> str | None:
+    """The nucleus when it started us (transport greengrass); IoT Core's services when the `iot` settings turn
+    Jobs or Shadow on and there is an MQTT connection for them to ride on; otherwise none."""
+    if settings.transport == "greengrass":
+        return "nucleus"
+    if settings.transport == "mqtt" and (settings.iot.jobs or settings.iot.shadow):
+        return "iot-core"
+    return None
 
 
 def build_host(settings: Settings) -> Host:
-    target = HOSTS.get(settings.transport)
-    if target is None:
+    name = host_name(settings)
+    if name is None:
         return Host()
-    module_name, factory = target.split(":")
+    module_name, factory = HOSTS[name].split(":")
     return getattr(importlib.import_module(module_name), factory)(settings)
 
 
@@ -83,10 +100,23 @@ def build_pipeline(
     return Pipeline(settings.source, slot, transport, sequence, wanted, source=source)
 
 
+def log_serving(pipeline: Pipeline) -> None:
+    ref = pipeline.slot.active.ref
+    log.info(
+        "serving model %s version %s on backend %s (%s)", ref.name, ref.version, ref.backend, ref.device,
+        extra={"model": ref.name, "version": ref.version, "backend": ref.backend, "device": ref.device},
+    )
+
+
 @contextmanager
 def stop_on_signals(pipeline: Pipeline) -> Iterator[None]:
-    """SIGTERM (how Greengrass and systemd stop us) and Ctrl-C finish the current frame, then shut down."""
-    handler = lambda signum, frame: pipeline.stop()  # noqa: E731
+    """SIGTERM (how Greengrass and systemd stop us) and Ctrl-C finish the current frame, then shut down;
+    a transport still waiting for its first connection stops waiting."""
+
+    def handler(signum, frame) -> None:
+        pipeline.stop()
+        pipeline.transport.interrupt()
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -131,16 +161,20 @@ def run_agent(settings: Settings) -> PipelineStats:
         pipeline = build_pipeline(settings, transport, SequenceCounter(settings.thing_name))
         # Observers first: a live view port already in use fails here, before `online` is announced.
         with stop_on_signals(pipeline), observed(pipeline, settings):
-            transport.start(pipeline.status("online"))
+            # The will first: its sequence number is the one before the online status's, its own (README).
+            will = pipeline.status("offline", reason="connection lost") if transport.has_last_will else None
+            transport.start(pipeline.status("online"), will)
             started = True
             host.serving(pipeline)
+            log_serving(pipeline)  # after the host: it may have put the model store's model in service
             return pipeline.run(settings.max_frames)
     except AgentError as error:
         host.failed(error)
         raise
     finally:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         if pipeline is not None:
             pipeline.source.close()
         host.close()  # before the transport: Jobs, Shadow and IPC requests ride on its connection
         if started:
-            transport.close(pipeline.status("offline", reason="stopped"))
+            transport.close(pipeline.status("offline", reason="stopped"), timeout_s=max(0.0, deadline - time.monotonic()))

@@ -36,6 +36,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
     "--liveview-port": (("liveview", "port"), {}, "port of the live view, /metrics and /healthz (default 8080)"),
     "--state-dir": (("state_dir",), {}, "folder for the outbox and model store (default ~/.local/state/edge-agent)"),
+    "--log-level": (("log", "level"), {"type": str.upper, "choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}, "least severe log level on stderr (default INFO)"),
 }
 SWITCH_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "--loop": (("source", "loop"), True, "restart a video file or folder at its end"),
@@ -49,6 +50,8 @@ def _dest(flag: str) -> str:
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that runs from the settings tree; main() loads it into `args.settings`."""
+    parser.set_defaults(uses_settings=True)
     parser.add_argument("--config", type=Path, help="settings file (.yaml, .json or .toml)")
     for flag, (_, options, help_text) in SETTING_FLAGS.items():
         parser.add_argument(flag, dest=_dest(flag), help=help_text, **options)
@@ -79,7 +82,7 @@ def settings_from(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.app import run_agent
 
-    stats = run_agent(settings_from(args))
+    stats = run_agent(args.settings)
     print(json.dumps({"frames": stats.frames, "results": stats.results, "predictions": stats.predictions}), file=sys.stderr)
     return 0
 
@@ -87,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from agent.infer import infer_images
 
-    for result in infer_images(settings_from(args), args.images):
+    for result in infer_images(args.settings, args.images):
         print(result.model_dump_json(exclude_none=True))
     return 0
 
@@ -95,7 +98,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import run_bench
 
-    print(json.dumps(run_bench(settings_from(args), seconds=args.seconds), indent=2))
+    print(json.dumps(run_bench(args.settings, seconds=args.seconds), indent=2))
     return 0
 
 
@@ -184,10 +187,20 @@ def build_parser() -> Parser:
     return parser
 
 
+def configure(args: argparse.Namespace) -> None:
+    """Load the settings of a command that has them, and configure logging, once, from their `log` branch."""
+    from agent.observe.logs import configure_logging
+    from agent.settings import LogSettings
+
+    args.settings = settings_from(args) if getattr(args, "uses_settings", False) else None
+    configure_logging(args.settings.log if args.settings else LogSettings())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        configure(args)
         return handler(args)
     except AgentError as error:
         print(f"edge-agent: {error}", file=sys.stderr)

@@ -89,6 +89,26 @@ class MqttSettings(Section):
     ack_timeout_s: int = Field(60, ge=1, description="a publish not acknowledged this long after sending is retried by the outbox")
 
 
+class IotSettings(Section):
+    """IoT Core's device services, on the agent's own MQTT connection (transport mqtt; other transports ignore them)."""
+
+    jobs: bool = Field(True, description="take model updates from IoT Jobs; off for a broker that is not IoT Core, or a policy without the Jobs topics")
+    shadow: bool = Field(True, description="report the model in use and take desired threshold/rate from the classic Device Shadow; off for a broker that is not IoT Core, or a policy without the Shadow topics")
+    request_timeout_s: int = Field(30, ge=1, le=300, description="how long a Jobs or Shadow request waits for its answer before it is retried later")
+
+
+class LogSettings(Section):
+    """What the agent logs on stderr, and how (journald and CloudWatch read JSON lines)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged (INFO: connections, the model served, jobs, outbox backlog)")
+    format: Literal["text", "json"] = Field("text", description="text: time level logger: message; json: one object per line with time, level, logger, message and the event's own fields")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
 class OutboxSettings(Section):
     path: Path = Field(Path("outbox.sqlite3"), description="SQLite spool holding results until their PUBACK (relative: inside state_dir)")
     max_mb: float = Field(64.0, gt=0, description="oldest results are dropped (and counted) past this size")
@@ -214,11 +234,13 @@ class Settings(Section):
     tasks: TaskSettings = TaskSettings()
     topics: TopicSettings = TopicSettings()
     mqtt: MqttSettings = MqttSettings()
+    iot: IotSettings = IotSettings()
     outbox: OutboxSettings = OutboxSettings()
     liveview: LiveViewSettings = LiveViewSettings()
     watchdog: WatchdogSettings = WatchdogSettings()
     updates: UpdateSettings = UpdateSettings()
     greengrass: GreengrassSettings = GreengrassSettings()
+    log: LogSettings = LogSettings()
 
     @field_validator("state_dir", mode="after")
     @classmethod

@@ -270,7 +270,8 @@ def metrics_message(sequence: SequenceCounter) -> MetricsMessage:
 def open_transport(settings: Settings) -> tuple[mqtt.MqttTransport, SequenceCounter]:
     sequence = SequenceCounter(THING)
     transport = mqtt.from_settings(settings, Topics.for_thing(settings.topics, THING))
-    transport.start(StatusMessage(**sequence.envelope(), state="online", agent_version="test"))
+    will = StatusMessage(**sequence.envelope(), state="offline", reason="connection lost", agent_version="test")
+    transport.start(StatusMessage(**sequence.envelope(), state="online", agent_version="test"), will)
     return transport, sequence
 
 

@@ -19,7 +19,7 @@ from update_helpers import NEW, SERVING, artifacts, document, keys, make_bundle,
 
 from agent import __version__
 from agent.bundles.document import Status
-from agent.cloud.jobs import rejection_code
+from agent.cloud.service_requests import rejection_code
 from agent.cloud.shadow import DeviceShadow
 from agent.errors import Reason
 from agent.settings import DEV_SIGNING_KEY, MqttSettings

@@ -18,10 +18,9 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from awscrt import mqtt5, mqtt_request_response
-from awsiot import ServiceStreamOptions, V2ServiceException
+from awsiot import ServiceStreamOptions
 from awsiot.iotjobs import (
     IotJobsClientV2,
     JobExecutionData,
@@ -31,6 +30,7 @@ from awsiot.iotjobs import (
 )
 
 from agent.bundles.document import Status, UpdateFailed, parse_update
+from agent.cloud.service_requests import Closing, RequestFailed, ServiceRequests
 from agent.errors import Reason
 from agent.updates.manager import Outcome, Stage, UpdateManager
 
@@ -38,14 +38,9 @@ log = logging.getLogger(__name__)
 
 PROGRESS_STEP = 25  # percent: statusDetails are updated at each stage and every quarter of it, not per chunk
 RETRY_S = 5.0  # after the Jobs service did not answer, try again this much later
+CLOSE_WAIT_S = 1.0  # how long close() waits for a job's own work (a download, a health window) to notice
 
 OutcomeListener = Callable[[str, Outcome], None]  # job id, outcome
-
-
-def rejection_code(error: BaseException) -> str | None:
-    """The Jobs rejection code (TerminalStateReached, VersionMismatch, ...) of a failed request, if any."""
-    modeled = getattr(error, "modeled_error", None)
-    return getattr(modeled, "code", None)
 
 
 class JobRunner:
@@ -54,7 +49,7 @@ class JobRunner:
     def __init__(self, client: mqtt5.Client, thing_name: str, manager: UpdateManager, *, timeout_s: int = 30):
         self.thing_name = thing_name
         self.manager = manager
-        self.timeout_s = timeout_s
+        self.requests = ServiceRequests("IoT Jobs", "iot.jobs", timeout_s)
         self.run_id = uuid.uuid4().hex[:12]  # tells our own IN_PROGRESS executions from an earlier run's
         self.listeners: list[OutcomeListener] = []
         self.finished: dict[str, Outcome] = {}  # job id -> outcome reported: duplicates are answered, not re-run
@@ -79,11 +74,15 @@ class JobRunner:
         self._wake.set()
 
     def close(self) -> None:
+        """Prompt whatever the cloud does: requests waiting for an answer give up at once. A job in the middle
+        of its own work gets CLOSE_WAIT_S; if it is still busy then, its execution stays IN_PROGRESS and the
+        next start fails it as interrupted (or finishes it, if its model is serving)."""
         self._stop.set()
         self._wake.set()
+        self.requests.close()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(self.timeout_s)
-        self._progress_sender.shutdown(wait=True)
+            self._thread.join(CLOSE_WAIT_S)
+        self._progress_sender.shutdown(wait=False)
         # The SDK ends a stream, and its request-response client, when their objects are released: do it
         # here, while the MQTT client they ride on is still running.
         self._stream = None
@@ -100,8 +99,10 @@ class JobRunner:
             try:
                 while not self._stop.is_set() and self.run_next():
                     pass
-            except (V2ServiceException, FutureTimeout) as error:
-                log.warning("IoT Jobs did not answer (%s); trying again in %.0f s", getattr(error, "message", error) or type(error).__name__, RETRY_S)
+            except Closing:
+                return
+            except RequestFailed as error:
+                log.warning("%s; trying again in %.0f s", error, RETRY_S)
             except Exception:  # noqa: BLE001 -- a fault of ours must not end the thread that takes every later job
                 log.exception("IoT Jobs: unexpected failure; trying again in %.0f s", RETRY_S)
             else:
@@ -112,7 +113,8 @@ class JobRunner:
     def run_next(self) -> bool:
         """Claim and run the next pending execution; False when there is none."""
         request = StartNextPendingJobExecutionRequest(thing_name=self.thing_name)
-        execution = self._jobs.start_next_pending_job_execution(request).result(self.timeout_s).execution
+        topic = f"$aws/things/{self.thing_name}/jobs/start-next"
+        execution = self.requests.answer(self._client().start_next_pending_job_execution(request), topic).execution
         if execution is None:
             return False
         job_id = execution.job_id
@@ -151,7 +153,7 @@ class JobRunner:
 
         def report(stage: Stage, percent: int) -> None:
             step = percent // PROGRESS_STEP
-            if last.get(stage) == step:
+            if last.get(stage) == step or self._stop.is_set():
                 return
             last[stage] = step
             with self._progress_lock:
@@ -169,26 +171,38 @@ class JobRunner:
                 return
             try:
                 self._update(latest[0], "IN_PROGRESS", latest[1])
-            except (V2ServiceException, FutureTimeout) as error:  # progress is a courtesy; the outcome is not
-                log.warning("job %s: progress not reported (%s)", latest[0], rejection_code(error) or error)
+            except Closing:
+                return
+            except RequestFailed as error:  # progress is a courtesy; the outcome is not
+                log.warning("job %s: progress not reported: %s", latest[0], error)
 
     def _finish(self, job_id: str, outcome: Outcome) -> None:
         self.finished[job_id] = outcome  # first: if the update below is lost, the retry resends it, not the job
         with self._progress_lock:
             self._latest_progress = None  # stale now; and the final status must be the last word
             sending = self._progress_sent
-        sending.result()
+        sending.result()  # the final status must not overtake progress (whose requests end when closing, too)
         try:
             self._update(job_id, outcome.status.value, {**outcome.status_details(), "run": self.run_id})
-        except V2ServiceException as error:
-            code = rejection_code(error)
-            if code not in ("TerminalStateReached", "InvalidStateTransition", "ResourceNotFound"):
+        except RequestFailed as error:
+            if error.code not in ("TerminalStateReached", "InvalidStateTransition", "ResourceNotFound"):
                 raise
-            log.warning("job %s: IoT Jobs refused the final status (%s); it was canceled or finished elsewhere", job_id, code)
-        log.info("job %s: %s %s", job_id, outcome.status.value, outcome.message)
+            log.warning("job %s: IoT Jobs refused the final status (%s); it was canceled or finished elsewhere", job_id, error.code)
+        reason = outcome.reason.value if outcome.reason else "none"
+        log.info(
+            "job %s finished with status %s and reason %s: %s", job_id, outcome.status.value, reason, outcome.message,
+            extra={"job_id": job_id, "status": outcome.status.value, "reason": reason},
+        )
         for listener in self.listeners:
             listener(job_id, outcome)
 
     def _update(self, job_id: str, status: str, details: dict[str, str]) -> None:
         request = UpdateJobExecutionRequest(thing_name=self.thing_name, job_id=job_id, status=status, status_details=details)
-        self._jobs.update_job_execution(request).result(self.timeout_s)
+        self.requests.answer(self._client().update_job_execution(request), f"$aws/things/{self.thing_name}/jobs/{job_id}/update")
+
+    def _client(self) -> IotJobsClientV2:
+        """The SDK's Jobs client; Closing once close() has released it (a job can outlive close by its own work)."""
+        jobs = self._jobs
+        if jobs is None or self.requests.closed:
+            raise Closing
+        return jobs

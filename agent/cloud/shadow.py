@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from awscrt import mqtt5, mqtt_request_response
-from awsiot import ServiceStreamOptions, V2ServiceException
+from awsiot import ServiceStreamOptions
 from awsiot.iotshadow import (
     GetShadowRequest,
     IotShadowClientV2,
@@ -27,11 +27,13 @@ from awsiot.iotshadow import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
-from agent.cloud.jobs import rejection_code
+from agent.cloud.service_requests import Closing, RequestFailed, ServiceRequests
 from agent.inference.pipeline import Pipeline
 from agent.updates.manager import Outcome
 
 log = logging.getLogger(__name__)
+
+WORK = {"sync": "read at start", "delta": "change from desired", "outcome": "report of an update"}  # what the worker does, for warnings
 
 
 class DesiredSettings(BaseModel):
@@ -49,7 +51,7 @@ class DeviceShadow:
     def __init__(self, client: mqtt5.Client, thing_name: str, pipeline: Pipeline, *, timeout_s: int = 30):
         self.thing_name = thing_name
         self.pipeline = pipeline
-        self.timeout_s = timeout_s
+        self.requests = ServiceRequests("Device Shadow", "iot.shadow", timeout_s)
         self.applied: dict[str, float] = {}  # desired values this shadow has told the pipeline to use
         self.update: dict[str, str | None] = {"job": None, "status": None, "reason": None}
         self.desired_error: str | None = None
@@ -68,9 +70,11 @@ class DeviceShadow:
         self._work.put(("sync", None))
 
     def close(self) -> None:
+        """Prompt whatever the cloud does: a request waiting for its answer gives up at once."""
         self._work.put(("stop", None))
+        self.requests.close()
         if self._thread.is_alive():
-            self._thread.join(self.timeout_s)
+            self._thread.join()  # short: its one blocking call, a request's answer, returns once closed
         # The SDK ends a stream, and its request-response client, when their objects are released: do it
         # here, while the MQTT client they ride on is still running.
         self._stream = None
@@ -83,7 +87,7 @@ class DeviceShadow:
     def _loop(self) -> None:
         while True:
             kind, value = self._work.get()
-            if kind == "stop":
+            if kind == "stop" or self.requests.closed:
                 return
             try:
                 if kind == "sync":
@@ -95,14 +99,17 @@ class DeviceShadow:
                     job_id, outcome = value
                     self.update = {"job": job_id, "status": outcome.status.value, "reason": outcome.reason.value if outcome.reason else None}
                     self._report()
-            except (V2ServiceException, TimeoutError) as error:
-                log.warning("device shadow: %s not done (%s)", kind, rejection_code(error) or getattr(error, "message", error))
+            except Closing:
+                return
+            except RequestFailed as error:
+                log.warning("device shadow %s not done: %s", WORK[kind], error)
 
     def _sync(self) -> None:
         try:
-            desired = self._shadow.get_shadow(GetShadowRequest(thing_name=self.thing_name)).result(self.timeout_s).state.desired or {}
-        except V2ServiceException as error:
-            if rejection_code(error) != 404:  # 404: no shadow yet; our report creates it
+            answer = self.requests.answer(self._shadow.get_shadow(GetShadowRequest(thing_name=self.thing_name)), self._topic("get"))
+            desired = answer.state.desired or {}
+        except RequestFailed as error:
+            if error.code != 404:  # 404: no shadow yet; our report creates it
                 raise
             desired = {}
         self._apply(desired)
@@ -139,4 +146,7 @@ class DeviceShadow:
 
     def _report(self) -> None:
         request = UpdateShadowRequest(thing_name=self.thing_name, state=ShadowState(reported=self.reported()))
-        self._shadow.update_shadow(request).result(self.timeout_s)
+        self.requests.answer(self._shadow.update_shadow(request), self._topic("update"))
+
+    def _topic(self, action: str) -> str:
+        return f"$aws/things/{self.thing_name}/shadow/{action}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from agent.errors import TransportError
 from agent.messages import Envelope, StatusMessage
@@ -33,9 +33,16 @@ class Transport(ABC):
     networked transport spools it durably before returning).
     """
 
+    # Whether the far side publishes a last will when the agent vanishes (MQTT): only then is a sequence
+    # number spent on one.
+    has_last_will: ClassVar[bool] = False
+
     @abstractmethod
-    def start(self, online: StatusMessage) -> None:
-        """Connect (or begin connecting) and announce `online` on the status topic."""
+    def start(self, online: StatusMessage, will: StatusMessage | None = None) -> None:
+        """Connect (or begin connecting) and announce `online` on the status topic; `will` is the last will."""
+
+    def interrupt(self) -> None:
+        """A stop signal arrived: stop waiting for a first connection (start-up carries on, then stops)."""
 
     @abstractmethod
     def publish(self, message: Envelope) -> None:
@@ -43,7 +50,7 @@ class Transport(ABC):
 
     @abstractmethod
     def close(self, offline: StatusMessage, timeout_s: float = 5.0) -> None:
-        """Announce `offline`, deliver what can be delivered within `timeout_s`, disconnect."""
+        """Deliver what can be delivered and announce `offline`, disconnect: all within `timeout_s`."""
 
     def stats(self) -> TransportStats:
         return TransportStats()

@@ -15,7 +15,7 @@ class ConsoleTransport(Transport):
         self._side = side
         self._stats = TransportStats(connected=True)
 
-    def start(self, online: StatusMessage) -> None:
+    def start(self, online: StatusMessage, will: StatusMessage | None = None) -> None:
         self.publish(online)
 
     def publish(self, message: Envelope) -> None:

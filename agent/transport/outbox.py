@@ -15,11 +15,17 @@ SQLite in WAL mode, one table in arrival order. What "accepted" means, precisely
 A deletion lost to a power cut only means a message is sent twice, which QoS1 receivers handle anyway
 (they de-duplicate on message_id). The spool is bounded by bytes and by age; past either bound the oldest
 messages are dropped and counted, never blocking the pipeline and never growing without limit.
+
+One process at a time: an outbox holds an exclusive lock (flock on `PATH.lock`, released by the kernel
+however the process ends) while it is open, so a second agent started on the same outbox refuses to
+start instead of sending the same messages again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -95,8 +101,10 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
+        self._owner: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._owner = claim(self.path)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
@@ -108,6 +116,7 @@ class Outbox:
                 "SELECT count(*), coalesce(sum(length(payload) + length(topic)), 0) FROM outbox"
             ).fetchone()
         except (OSError, sqlite3.Error) as exc:
+            self._release()
             raise TransportError(f"outbox.path {self.path}: cannot open the spool ({exc}); point it at a writable file") from None
         self._stats = OutboxStats(depth=depth, bytes=size + depth * ROW_OVERHEAD)
         self.last_id = self._db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
@@ -179,6 +188,13 @@ class Outbox:
         with self._lock:
             self._checkpointer.close()
             self._db.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Give up the lock: another agent may open the outbox now."""
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
     def _evict_oldest(self, nbytes: int) -> None:
         """Drop the oldest messages until `nbytes` are freed (called with the lock held)."""
@@ -193,6 +209,24 @@ class Outbox:
     def _forget(self, freed: list[int]) -> None:
         self._stats.depth -= len(freed)
         self._stats.bytes -= sum(freed) + ROW_OVERHEAD * len(freed)
+
+
+def claim(path: Path) -> int:
+    """Lock `path` for this process (an open descriptor of PATH.lock holding flock); TransportError naming the
+    process that holds it already."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise TransportError(
+            f"outbox.path {path}: another edge-agent (pid {holder}) is using this outbox; stop it, or give this agent "
+            "its own outbox.path (and, to stay connected, its own thing_name)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def open_outbox(settings: OutboxSettings) -> Outbox:

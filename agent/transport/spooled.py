@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from agent.errors import ConfigError, TransportError
 from agent.messages import BATCH_OVERHEAD, Envelope, StatusMessage, batch_payload
@@ -47,6 +48,7 @@ DELETE_BATCH = 256  # acknowledged messages deleted per outbox transaction, at m
 DELETE_DELAY_S = 0.05  # and otherwise on the first round this long after the first of them was acknowledged
 LINGER_S = 0.1  # while messages are in flight, new ones wait for the sender's next round, at most this long
 LOG_EVERY_S = 10.0  # at most one warning per this interval about dropped messages
+OFFLINE_SHARE_S = 1.0  # of close()'s time, what the offline status and the disconnect keep (the drain has the rest)
 
 
 class RateLimiter:
@@ -87,6 +89,13 @@ def publishes(due: list[Spooled], batch_max: int) -> list[list[Spooled]]:
     return groups
 
 
+def describe(error: BaseException) -> str:
+    """An exception as words even when its message is empty (a timeout's is)."""
+    if isinstance(error, (TimeoutError, FutureTimeout)):
+        return "no acknowledgement in time"
+    return str(error) or getattr(error, "name", None) or type(error).__name__
+
+
 def refusal(topic: str, payload: bytes, kind: str) -> str | None:
     """Why IoT Core would refuse this publish, checked before it is stored or sent; None if it is fine."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -124,6 +133,7 @@ class SpooledTransport(Transport):
         self._quiet_until = 0.0
         self._finished: list[int] = []  # acknowledged or refused, not yet deleted from the outbox
         self._finished_since = 0.0
+        self._was_connected = False  # as the sender last saw the link: a (re)connection with a backlog is logged
         self._sender = threading.Thread(target=self._send_loop, name="outbox-sender", daemon=True)
 
     # -- pipeline side ------------------------------------------------------------------------------
@@ -132,8 +142,12 @@ class SpooledTransport(Transport):
         """Publish to these topics from now on (a live configuration change); messages already spooled keep theirs."""
         self.topics = topics
 
-    def start(self, online: StatusMessage) -> None:
-        self.link.connect(self.connect_timeout_s)
+    def start(self, online: StatusMessage, will: StatusMessage | None = None) -> None:
+        try:
+            self.link.connect(self.connect_timeout_s)
+        except BaseException:
+            self.outbox.close()  # this agent will not run: another may use the outbox
+            raise
         self.announce(online)
         self._sender.start()
 
@@ -163,24 +177,31 @@ class SpooledTransport(Transport):
     def announce(self, status: StatusMessage) -> None:
         """Publish a status retained on the status topic, bypassing the outbox (a stale status is worthless)."""
         future = self._publish_status(status)
-        future.add_done_callback(lambda f: f.exception() and log.warning("status %s not delivered: %s", status.state, f.exception()))
+        future.add_done_callback(lambda f: f.exception() and log.warning("status %s not delivered on %s: %s", status.state, self.topics.status, describe(f.exception())))
 
     def _publish_status(self, status: StatusMessage) -> Future:
         return self.link.publish(self.topics.status, status.to_json_bytes(), QOS_AT_LEAST_ONCE, retain=True)
 
     def close(self, offline: StatusMessage, timeout_s: float = 5.0) -> None:
-        """Deliver what the outbox holds for up to `timeout_s`, announce `offline`, disconnect.
+        """Deliver what the outbox holds, announce `offline` and disconnect, all within `timeout_s`.
 
-        Whatever is still undelivered stays in the outbox for the next start."""
+        Only a connected link is worth waiting for; whatever is still undelivered stays in the outbox for the
+        next start, and a link that was lost has had its last will published instead of `offline`."""
         deadline = time.monotonic() + timeout_s
-        if self._sender.is_alive():
-            self._draining = True
-            self._wake.set()
-            self._idle.wait(max(0.0, deadline - time.monotonic()))
-        try:
-            self._publish_status(offline).result(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as error:  # noqa: BLE001 -- best effort on the way out
-            log.warning("offline status not delivered (%s); the broker publishes the last will instead", type(error).__name__)
+        backlog = self.outbox.stats().depth
+        if not self.link.connected:
+            log.warning("stopping while disconnected: %d messages wait in the outbox for the next start; the last will says offline", backlog)
+        else:
+            if self._sender.is_alive():
+                if backlog:
+                    log.info("stopping: outbox draining %d messages for up to %.1f s", backlog, max(0.0, timeout_s - OFFLINE_SHARE_S), extra={"messages": backlog})
+                self._draining = True
+                self._wake.set()
+                self._idle.wait(max(0.0, deadline - OFFLINE_SHARE_S - time.monotonic()))
+            try:
+                self._publish_status(offline).result(timeout=max(0.0, deadline - OFFLINE_SHARE_S / 2 - time.monotonic()))
+            except Exception as error:  # noqa: BLE001 -- best effort on the way out
+                log.warning("offline status not delivered (%s); the broker publishes the last will instead", describe(error))
         self._stop.set()
         self._wake.set()
         if self._sender.is_alive():
@@ -227,6 +248,7 @@ class SpooledTransport(Transport):
         """One round: settle acknowledgements, housekeeping, send what the window and quotas allow, or wait."""
         self._wake.clear()
         self._settle()
+        self._notice_connection()
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self.outbox.expire()
@@ -249,6 +271,15 @@ class SpooledTransport(Transport):
         for group in publishes(due, self.settings.batch_max):
             self._send(group)
         return max(cursor, due[-1].id)
+
+    def _notice_connection(self) -> None:
+        """A link that has just come up (at start, or after an outage) with messages waiting: say how many."""
+        connected = self.link.connected
+        if connected and not self._was_connected:
+            backlog = self.outbox.stats().depth
+            if backlog:
+                log.info("outbox draining %d messages", backlog, extra={"messages": backlog})
+        self._was_connected = connected
 
     def _due(self, cursor: int, now: float) -> list[Spooled] | None:
         """Retries first (oldest first), then what the outbox holds past the cursor; None = wait."""
