@@ -5,6 +5,7 @@ and a test service answering the Jobs topics as IoT Core does. Artifacts come fr
 from __future__ import annotations
 
 import gc
+import logging
 import time
 
 import pytest
@@ -53,8 +54,8 @@ def device(serving, link):
     s = serving()
     runners = []
 
-    def start() -> JobRunner:
-        runners.append(JobRunner(link.client, THING, s.manager, timeout_s=10))
+    def start(timeout_s: int = 10) -> JobRunner:
+        runners.append(JobRunner(link.client, THING, s.manager, timeout_s=timeout_s))
         runners[-1].start()
         return runners[-1]
 
@@ -76,7 +77,18 @@ def wait_terminal(service: IotService, job_id: str, timeout_s: float = 30.0):
     raise AssertionError(f"job {job_id} still {execution.status} after {timeout_s} s: {execution.status_details}")
 
 
-def test_a_queued_model_update_job_runs_reports_progress_and_succeeds(device, service, tmp_path, keys, artifacts):
+def finished_lines(caplog, timeout_s: float = 10.0) -> list[str]:
+    """The INFO lines saying a job finished, once there is one (logged after IoT Jobs accepted the final status)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [r.message for r in caplog.records if r.levelname == "INFO" and " finished with status " in r.message]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+def test_a_queued_model_update_job_runs_reports_progress_and_succeeds(device, service, tmp_path, keys, artifacts, caplog):
+    caplog.set_level(logging.INFO)
     data = make_bundle(tmp_path, keys / "trusted.key")
     runner = device.start_jobs()
     service.queue_job(THING, "update-1", document(artifacts.publish("/jobs/good.zip", data), data))  # arrives by notify-next
@@ -94,6 +106,8 @@ def test_a_queued_model_update_job_runs_reports_progress_and_succeeds(device, se
     assert all(0 <= int(p["progress"]) <= 100 and p["run"] == runner.run_id for p in progress)
     assert all(isinstance(v, str) for p in progress for v in p.values())  # statusDetails are strings only
     device.assert_no_frame_lost()
+    [line] = finished_lines(caplog)
+    assert line.startswith("job update-1 finished with status SUCCEEDED and reason none: ") and NEW in line
 
 
 @pytest.mark.parametrize(
@@ -105,7 +119,8 @@ def test_a_queued_model_update_job_runs_reports_progress_and_succeeds(device, se
         ({"version": "0.0.1"}, Reason.DOWNGRADE_REFUSED, "REJECTED"),
     ],
 )
-def test_a_bad_job_ends_with_its_reason_code_and_the_old_model_serving(changes, reason, status, device, service, tmp_path, keys, artifacts):
+def test_a_bad_job_ends_with_its_reason_code_and_the_old_model_serving(changes, reason, status, device, service, tmp_path, keys, artifacts, caplog):
+    caplog.set_level(logging.INFO)
     data = make_bundle(tmp_path, keys / "trusted.key")
     service.queue_job(THING, "bad-1", {**document(artifacts.publish(f"/jobs/bad-{reason}.zip", data), data), **changes})
     device.start_jobs()  # queued before the agent started: found at start-up
@@ -114,6 +129,8 @@ def test_a_bad_job_ends_with_its_reason_code_and_the_old_model_serving(changes, 
     assert execution.status_details["message"]
     assert device.slot.active.ref.version == SERVING
     device.assert_no_frame_lost()
+    [line] = finished_lines(caplog)
+    assert line.startswith(f"job bad-1 finished with status {status} and reason {reason.value}: ")
 
 
 def test_jobs_run_one_after_another_and_repeated_notifications_do_not_rerun_them(device, service, tmp_path, keys, artifacts):
@@ -170,3 +187,20 @@ def test_a_job_canceled_while_it_runs_is_left_canceled(device, service, tmp_path
     assert service.execution(THING, "to-cancel").status == "CANCELED"
     assert runner._thread.is_alive()  # and it is still there for the next job
     device.assert_no_frame_lost()
+
+
+def test_a_broker_that_does_not_answer_jobs_is_named_in_the_warning_and_does_not_hold_up_close(device, caplog):
+    """No Jobs service on this broker (no stand-in): the warning says which request on which topic got no
+    answer and which setting turns Jobs off; close() ends the waiting thread, it does not sit out the timeout."""
+    runner = device.start_jobs(timeout_s=1)
+    deadline = time.monotonic() + 20
+    while not any(r.levelname == "WARNING" for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    warning = next(r.message for r in caplog.records if r.levelname == "WARNING")
+    assert warning.startswith(f"IoT Jobs: no answer to the request on $aws/things/{THING}/jobs/start-next within 1 s")
+    assert "iot.jobs: false" in warning and not warning.endswith("()")
+    slow = device.start_jobs(timeout_s=300)  # asking now, and would wait five minutes for the answer
+    time.sleep(0.5)
+    slow.close()
+    assert not slow._thread.is_alive()
+    runner.close()

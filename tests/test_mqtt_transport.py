@@ -7,17 +7,23 @@ watch what a subscriber receives; a few drive the transport in-process where the
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import re
 import signal
+import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jsonschema
 import pytest
-from broker import Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
-from conftest import REPO, agent_env, assert_one_line_error, run_cli
+from broker import STOPPED_CLIENTS, Cable, Mosquitto, Observer, mosquitto, observer, pki  # noqa: F401 -- fixtures
+from conftest import REPO, agent_env, assert_one_line_error, one_line_error, run_cli
 from iot_service import IotService
 
 from agent.messages import (
@@ -29,7 +35,7 @@ from agent.messages import (
     unbatch,
 )
 from agent.schemas import schema_documents
-from agent.settings import Settings
+from agent.settings import MqttSettings, Settings
 from agent.topics import Topics
 from agent.transport import mqtt
 
@@ -37,7 +43,14 @@ pytestmark = pytest.mark.broker
 
 THING = "dev-1"
 INFERENCE, STATUS, METRICS = (f"edge/{THING}/{kind}" for kind in ("inference", "status", "metrics"))
+IOT_SERVICES = f"$aws/things/{THING}/#"
 FAST_RECONNECT = {"min_reconnect_delay_s": 0.1, "max_reconnect_delay_s": 0.5}
+SYSTEMD_UNIT = REPO / "deploy" / "systemd" / "edge-agent.service"
+
+
+def systemd_stop_timeout_s() -> float:
+    """How long systemd waits after SIGTERM before it SIGKILLs the agent (and the offline status is lost)."""
+    return float(re.search(r"^TimeoutStopSec=(\d+)$", SYSTEMD_UNIT.read_text(), re.MULTILINE).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +75,45 @@ def agent_command(broker: Mosquitto, device, *args: str, port: int | None = None
     ]  # fmt: skip
 
 
-def agent_environment(outbox: Path) -> dict[str, str]:
+def agent_environment(outbox: Path, **settings: str) -> dict[str, str]:
+    """The agent's environment: fast reconnects, this outbox, and `settings` as EDGE_AGENT_* variables."""
     return agent_env(
-        EDGE_AGENT_OUTBOX__PATH=str(outbox),
-        EDGE_AGENT_OUTBOX__RETRY_MAX_S="1",
-        EDGE_AGENT_MQTT__MIN_RECONNECT_DELAY_S="0.1",
-        EDGE_AGENT_MQTT__MAX_RECONNECT_DELAY_S="0.5",
-        EDGE_AGENT_MQTT__CONNECT_TIMEOUT_S="2",
+        **{
+            "EDGE_AGENT_OUTBOX__PATH": str(outbox),
+            "EDGE_AGENT_OUTBOX__RETRY_MAX_S": "1",
+            "EDGE_AGENT_MQTT__MIN_RECONNECT_DELAY_S": "0.1",
+            "EDGE_AGENT_MQTT__MAX_RECONNECT_DELAY_S": "0.5",
+            "EDGE_AGENT_MQTT__CONNECT_TIMEOUT_S": "2",
+            **settings,
+        }
     )
 
 
-def run_agent(broker, device, outbox: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    done = subprocess.run(agent_command(broker, device, *args), capture_output=True, text=True, timeout=timeout, env=agent_environment(outbox), cwd=REPO)
+def run_agent(broker, device, outbox: Path, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(agent_command(broker, device, *args), capture_output=True, text=True, timeout=timeout, env=env or agent_environment(outbox), cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done
 
 
-def start_agent(broker, device, outbox: Path, *args: str, port: int | None = None) -> subprocess.Popen:
-    return subprocess.Popen(agent_command(broker, device, *args, port=port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=agent_environment(outbox), cwd=REPO)
+def start_agent(broker, device, outbox: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    command = agent_command(broker, device, *args, port=port)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or agent_environment(outbox), cwd=REPO)
+
+
+def stopped_in_time(agent: subprocess.Popen) -> str:
+    """The agent's stderr once it has exited 0, within the time systemd gives a stopping service."""
+    try:
+        _, stderr = agent.communicate(timeout=systemd_stop_timeout_s())
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        _, stderr = agent.communicate()
+        raise AssertionError(f"still running {systemd_stop_timeout_s():.0f} s later, when systemd would SIGKILL it: {stderr[-2000:]}") from None
+    assert agent.returncode == 0, stderr
+    return stderr
+
+
+def states(messages) -> list[tuple[str, str | None]]:
+    return [(p["state"], p.get("reason")) for p in payloads(messages, STATUS)]
 
 
 def results_count(stderr: str) -> int:
@@ -133,6 +167,7 @@ def test_status_is_retained_and_the_will_says_offline_when_the_agent_is_killed(m
             first.subscribe(STATUS)
             online = first.wait_for(lambda ms: any(json.loads(m.payload)["state"] == "online" for m in ms))
             assert online, "agent never announced online"
+            announced = json.loads(online[0].payload)
         with Observer(mosquitto, pki, client_id="status-2") as late:  # joins afterwards: gets the retained copy
             late.subscribe(STATUS)
             [retained] = late.wait_for(lambda ms: len(ms) >= 1)
@@ -143,6 +178,10 @@ def test_status_is_retained_and_the_will_says_offline_when_the_agent_is_killed(m
             will = json.loads(messages[-1].payload)
             assert (will["state"], will["reason"]) == ("offline", "connection lost")
             StatusMessage.model_validate(will)
+            # A message of its own: receivers that drop duplicates by (run_id, sequence) keep it. Its sequence
+            # is the one before the first online status (README, "What it publishes").
+            assert will["message_id"] != announced["message_id"]
+            assert (will["run_id"], will["sequence"]) == (announced["run_id"], announced["sequence"] - 1)
         with Observer(mosquitto, pki, client_id="status-3") as after:
             after.subscribe(STATUS)
             [retained] = after.wait_for(lambda ms: len(ms) >= 1)
@@ -150,6 +189,144 @@ def test_status_is_retained_and_the_will_says_offline_when_the_agent_is_killed(m
     finally:
         agent.kill()
         agent.wait()
+
+
+# -- a broker that is not IoT Core: Jobs and Shadow requests get no answer ----------------------------------
+
+
+def test_against_a_broker_without_jobs_or_shadow_a_run_ends_when_its_frames_are_done(mosquitto, observer, device, tmp_path):
+    """Plain Mosquitto, no stand-in: the Jobs and Shadow requests are never answered, and need not be."""
+    observer.subscribe(f"edge/{THING}/#")
+    observer.subscribe(IOT_SERVICES)
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "20")
+    try:
+        observer.wait_for(lambda ms: ("online", None) in states(ms))
+        stderr = stopped_in_time(agent)
+    finally:
+        agent.kill()
+        agent.wait()
+    messages = observer.wait_for(lambda ms: states(ms)[-1:] == [("offline", "stopped")], timeout_s=10)
+    assert states(messages)[-1] == ("offline", "stopped")
+    assert {m.topic for m in messages} >= {f"$aws/things/{THING}/jobs/start-next", f"$aws/things/{THING}/shadow/get"}  # asked, unanswered
+    assert len(frames_of(messages)) == results_count(stderr)
+    assert f"connected to 127.0.0.1:{mosquitto.port} as client id {THING}" in stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_against_a_broker_without_jobs_or_shadow_a_stop_signal_ends_the_run_and_says_offline(mosquitto, observer, device, tmp_path, signum):
+    """SIGTERM (systemd, Greengrass) and Ctrl-C stop within the unit's TimeoutStopSec, with the offline status sent."""
+    observer.subscribe(f"edge/{THING}/#")
+    observer.subscribe(IOT_SERVICES)
+    agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--loop", "--pace-fps", "30")
+    try:
+        observer.wait_for(lambda ms: {m.topic for m in ms} >= {INFERENCE, f"$aws/things/{THING}/jobs/start-next", f"$aws/things/{THING}/shadow/get"})
+        agent.send_signal(signum)
+        stopped_in_time(agent)
+    finally:
+        agent.kill()
+        agent.wait()
+    messages = observer.wait_for(lambda ms: states(ms)[-1:] == [("offline", "stopped")], timeout_s=10)
+    assert states(messages)[-1] == ("offline", "stopped")
+
+
+@pytest.mark.parametrize(
+    "jobs, shadow, asked",
+    [("false", "false", set()), ("true", "false", {"jobs"}), ("false", "true", {"shadow"})],
+)
+def test_jobs_and_shadow_are_switched_by_their_own_settings(mosquitto, observer, device, tmp_path, jobs, shadow, asked):
+    observer.subscribe(INFERENCE)
+    observer.subscribe(IOT_SERVICES)
+    env = agent_environment(tmp_path / "outbox.db", EDGE_AGENT_IOT__JOBS=jobs, EDGE_AGENT_IOT__SHADOW=shadow)
+    done = run_agent(mosquitto, device, tmp_path / "outbox.db", "--max-frames", "20", env=env)
+    messages = observer.wait_for(lambda ms: len(frames_of(ms)) >= results_count(done.stderr))
+    assert len(frames_of(messages)) == results_count(done.stderr)
+    time.sleep(0.5)  # a request sent at start would have arrived long before the last result
+    assert {m.topic.split("/")[3] for m in observer.messages if m.topic.startswith("$aws/")} == asked
+
+
+def test_a_stop_signal_while_the_first_connection_attempt_hangs_is_not_held_up(device, mosquitto, tmp_path):
+    """An endpoint that accepts TCP and then says nothing: start-up waits for it, but a stop signal ends the wait."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        env = agent_environment(tmp_path / "outbox.db", EDGE_AGENT_MQTT__CONNECT_TIMEOUT_S="120")
+        agent = start_agent(mosquitto, device, tmp_path / "outbox.db", "--loop", port=silent.getsockname()[1], env=env)
+        try:
+            connection, _ = silent.accept()  # the agent is in its first attempt now
+            with connection:
+                agent.send_signal(signal.SIGTERM)
+                stderr = stopped_in_time(agent)
+        finally:
+            agent.kill()
+            agent.wait()
+    assert "stopping while disconnected" in stderr
+
+
+@pytest.mark.parametrize("ca", ["rogue", "amazon"])
+def test_a_server_certificate_the_ca_does_not_verify_is_one_line(mosquitto, pki, device, tmp_path, ca):
+    """A wrong --ca, or Amazon's root (the default) left in place against another broker: nothing could ever connect."""
+    args = agent_command(mosquitto, device, "--max-frames", "1")[3:]
+    if ca == "rogue":
+        args[args.index("--ca") + 1] = str(pki.rogue.path)
+    else:
+        del args[args.index("--ca") : args.index("--ca") + 2]
+    line = one_line_error(run_cli(*args, env=agent_environment(tmp_path / "outbox.db")))
+    assert "mqtt.ca" in line and "not verified" in line and "--ca" in line
+
+
+@pytest.fixture(scope="module")
+def bad_tls_files(pki, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """--cert/--key/--ca replacements, by case: each is one mistake a user makes with the device's files."""
+    folder = tmp_path_factory.mktemp("bad-tls")
+    device, other = pki.client(THING), pki.client("another-thing")
+    text, der = folder / "notes.txt", folder / "device.der"
+    text.write_text("the certificate is in the email\n")
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der.write_bytes(x509.load_pem_x509_certificate(device.cert.read_bytes()).public_bytes(Encoding.DER))
+    return {
+        "cert not PEM": {"cert": der},
+        "key not PEM": {"key": text},
+        "CA not PEM": {"ca": text},
+        "key of another certificate": {"key": other.key},
+        "cert and key swapped": {"cert": device.key, "key": device.cert},
+    }
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("cert not PEM", ["mqtt.cert", "not a PEM device certificate", "openssl x509 -inform der"]),
+        ("key not PEM", ["mqtt.key", "not a PEM private key"]),
+        ("CA not PEM", ["mqtt.ca", "not a PEM CA certificate"]),
+        ("key of another certificate", ["mqtt.key", "is not the private key of mqtt.cert"]),
+        ("cert and key swapped", ["mqtt.cert", "swapped"]),
+    ],
+)
+def test_tls_files_that_cannot_work_are_one_line_naming_the_file(mosquitto, device, bad_tls_files, tmp_path, case, needles):
+    args = agent_command(mosquitto, device, "--max-frames", "1")[3:]
+    for setting, path in bad_tls_files[case].items():
+        args[args.index(f"--{setting}") + 1] = str(path)
+    assert_one_line_error(run_cli(*args, env=agent_environment(tmp_path / "outbox.db")), *needles)
+
+
+def test_a_second_agent_on_the_same_outbox_refuses_in_one_line(mosquitto, observer, cloud, device, tmp_path):
+    observer.subscribe(STATUS)
+    outbox = tmp_path / "outbox.db"
+    first = start_agent(mosquitto, device, outbox, "--loop", "--pace-fps", "10")
+    try:
+        observer.wait_for(lambda ms: ("online", None) in states(ms))
+        second = run_cli(*agent_command(mosquitto, device, "--max-frames", "1")[3:], env=agent_environment(outbox))
+        assert_one_line_error(second, f"outbox.path {outbox}", f"another edge-agent (pid {first.pid})")
+        assert first.poll() is None  # the first one carries on
+        first.send_signal(signal.SIGTERM)
+        stopped_in_time(first)
+    finally:
+        first.kill()
+        first.wait()
+    run_agent(mosquitto, device, outbox, "--max-frames", "1")  # and once it has stopped, the outbox is free
 
 
 @pytest.fixture
@@ -223,10 +400,11 @@ def test_agent_killed_while_broker_down_resends_everything_after_restart(mosquit
     observer.wait_ready()
     cloud.wait_ready()
     run_agent(mosquitto, device, outbox, "--max-frames", "30")
-    messages = observer.wait_for(lambda ms: {p["sequence"] for p in payloads(ms, INFERENCE) if p["run_id"] == run_id} >= set(range(2, last_sequence + 1)))
+    # sequence 1 is the last will, 2 the online status; every result after them, up to the last one accepted, must be there
+    results = set(range(3, last_sequence + 1))
+    messages = observer.wait_for(lambda ms: {p["sequence"] for p in payloads(ms, INFERENCE) if p["run_id"] == run_id} >= results)
     received = {p["sequence"] for p in payloads(messages, INFERENCE) if p["run_id"] == run_id}
-    # sequence 1 is the online status; every result after it, up to the last one accepted, must be there
-    assert set(range(2, last_sequence + 1)) <= received
+    assert results <= received
 
 
 def test_client_certificate_from_another_ca_is_refused_with_one_line(mosquitto, pki, tmp_path):
@@ -395,7 +573,8 @@ def test_a_backlog_larger_than_memory_holds_is_read_back_from_disk_in_order(mosq
 
 
 @pytest.mark.parametrize("batch_max", [10, 1])
-def test_a_backlog_goes_out_in_batches_of_at_most_batch_max_each_message_once_in_order(mosquitto, observer, cable, device, tmp_path, batch_max):
+def test_a_backlog_goes_out_in_batches_of_at_most_batch_max_each_message_once_in_order(mosquitto, observer, cable, device, tmp_path, batch_max, caplog):
+    caplog.set_level(logging.INFO)
     observer.subscribe(METRICS)
     settings = transport_settings(mosquitto, device, tmp_path, outbox={"path": str(tmp_path / "outbox.db"), "batch_max": batch_max})
     transport, sequence, sent = published_while_the_link_is_down(settings, cable, 95)
@@ -404,6 +583,8 @@ def test_a_backlog_goes_out_in_batches_of_at_most_batch_max_each_message_once_in
         wait_until(lambda: transport.stats().queued == 0)
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
+    draining = [r for r in caplog.records if r.levelname == "INFO" and re.fullmatch(r"outbox draining \d+ messages", r.message)]
+    assert draining and 0 < draining[0].messages <= len(sent)  # the operator hears of the backlog once the link is up
     assert [p["sequence"] for p in payloads(messages, METRICS)] == [m.sequence for m in sent]
     kinds = {json.loads(m.payload)["kind"] for m in messages}
     if batch_max == 1:
@@ -425,6 +606,88 @@ def test_a_refused_batch_drops_each_of_its_messages_once(mosquitto, observer, ca
         assert (stats.sent, stats.failed, stats.dropped, stats.queued, stats.acknowledged) == (21, 21, 21, 0, 0)
     finally:
         transport.close(StatusMessage(**sequence.envelope(), state="offline", agent_version="test"), timeout_s=1)
+
+
+class TakeoverEndpoint:
+    """IoT Core's side of a client-id takeover, on the wire: a TLS endpoint (the test server certificate, client
+    certificates required) that answers an MQTT5 CONNECT with a successful CONNACK and, on `take_over()`, sends
+    DISCONNECT with reason code 0x8E (Session taken over) and closes, as IoT Core does when another client
+    connects with the same client id. (Mosquitto 2.0.11 just closes the old connection; 2.0.15 sends 0x8E.)"""
+
+    CONNACK = bytes([0x20, 3, 0, 0, 0])  # flags 0, reason SUCCESS, no properties
+    SESSION_TAKEN_OVER = bytes([0xE0, 2, 0x8E, 0])
+
+    def __init__(self, pki):
+        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._tls.load_cert_chain(pki.server.cert, pki.server.key)
+        self._tls.load_verify_locations(pki.ca.path)
+        self._tls.verify_mode = ssl.CERT_REQUIRED
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._connected: queue.Queue = queue.Queue()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self._server.accept()
+                raw.settimeout(10)
+                client = self._tls.wrap_socket(raw, server_side=True)
+                self._open.append(client)
+                self._read_packet(client)  # CONNECT
+                client.sendall(self.CONNACK)
+                self._connected.put(client)
+            except OSError:
+                if self._server.fileno() < 0:
+                    return
+
+    @staticmethod
+    def _read_packet(client: ssl.SSLSocket) -> bytes:
+        client.recv(1)  # packet type
+        length, shift = 0, 0
+        while True:  # variable-length remaining length
+            byte = client.recv(1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            body += client.recv(length - len(body))
+        return body
+
+    def take_over(self) -> None:
+        client = self._connected.get(timeout=10)
+        client.sendall(self.SESSION_TAKEN_OVER)
+        client.close()
+
+    def close(self) -> None:
+        self._server.close()
+        for client in self._open:
+            client.close()
+
+
+def test_a_takeover_of_our_client_id_is_a_warning_naming_it(pki, device, caplog):
+    """The broker drops us because another client connected with our client id (a second agent with this thing name)."""
+    caplog.set_level(logging.INFO)
+    endpoint = TakeoverEndpoint(pki)
+    settings = MqttSettings(endpoint="127.0.0.1", port=endpoint.port, cert=device.cert, key=device.key, ca=pki.ca.path, **FAST_RECONNECT)
+    link = mqtt.MqttLink(settings, client_id=THING)
+    try:
+        link.connect(timeout_s=10)
+        assert link.connected
+        endpoint.take_over()
+        wait_until(lambda: link.reconnects >= 1)
+    finally:
+        STOPPED_CLIENTS.append(link.client)
+        link.close()
+        endpoint.close()
+    messages = [(r.levelname, r.message) for r in caplog.records if r.name == "agent.transport.mqtt"]
+    assert ("INFO", f"connected to 127.0.0.1:{endpoint.port} as client id {THING}") in messages
+    [warning] = [message for level, message in messages if level == "WARNING"]
+    assert "SESSION_TAKEN_OVER" in warning and f"another client connected with our client id '{THING}'" in warning
+    assert ("INFO", f"reconnected to 127.0.0.1:{endpoint.port} as client id {THING}") in messages
 
 
 def test_after_a_reconnect_the_latest_status_is_retained_again(mosquitto, pki, cable, device, tmp_path):

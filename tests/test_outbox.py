@@ -93,6 +93,29 @@ def test_unwritable_path_is_one_clear_error(tmp_path):
         open_outbox(blocker / "o.db")
 
 
+def test_an_outbox_is_used_by_one_process_at_a_time(tmp_path):
+    """A second agent on the same outbox would send the same messages again: it is refused, naming the first;
+    the lock goes with the process however it ends (here SIGKILL)."""
+    path = tmp_path / "o.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from agent.transport.outbox import Outbox; Outbox({str(path)!r}, max_bytes=1 << 20, max_age_s=60); print('open', flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(TransportError) as refused:
+            open_outbox(path)
+        assert str(refused.value).startswith(f"outbox.path {path}: another edge-agent (pid {holder.pid}) is using this outbox")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    open_outbox(path).close()
+    again = open_outbox(path)  # closed, it is free for the next one
+    with pytest.raises(TransportError, match="another edge-agent"):
+        open_outbox(path)  # and one open in this process is enough to refuse another
+    again.close()
+
+
 def test_accepted_messages_survive_sigkill(tmp_path):
     """A child process puts messages and says which were accepted; after SIGKILL every one of them is there."""
     path = tmp_path / "o.db"

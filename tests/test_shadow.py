@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 
 import pytest
 from agent_process import running_agent, wait_for
@@ -111,6 +112,30 @@ def test_an_update_outcome_is_reported_with_the_model_serving(device, service):
     update = wait_for(lambda: reported(service).get("update", {}).get("job") == "job-7" and reported(service)["update"], "the outcome reported")
     assert update == {"job": "job-7", "status": "FAILED", "reason": "SHA256_MISMATCH"}
     assert reported(service)["model"]["version"] == SERVING
+
+
+def test_a_broker_that_does_not_answer_the_shadow_is_named_in_the_warning_and_does_not_hold_up_close(serving, mosquitto, pki, caplog):
+    """No Shadow service on this broker (no stand-in): the warning names the request's topic and the setting
+    that turns the shadow off, instead of ending in an empty "()"; close() does not sit out the timeout."""
+    s = serving()
+    link = connect(mosquitto, pki, THING)
+    shadows = [DeviceShadow(link.client, THING, s.pipeline, timeout_s=timeout) for timeout in (1, 300)]
+    try:
+        shadows[0].start()
+        warning = wait_for(lambda: next((r.message for r in caplog.records if r.levelname == "WARNING"), None), "a warning", timeout=20)
+        assert warning.startswith(f"device shadow read at start not done: Device Shadow: no answer to the request on $aws/things/{THING}/shadow/get within 1 s")
+        assert "iot.shadow: false" in warning and not warning.endswith("()")
+        shadows[1].start()  # asking now, and would wait five minutes for the answer
+        time.sleep(0.5)
+        shadows[1].close()
+        assert not shadows[1]._thread.is_alive()
+    finally:
+        for shadow in shadows:
+            shadow.close()
+        shadows.clear()
+        gc.collect()
+        STOPPED_CLIENTS.append(link.client)
+        link.close()
 
 
 def test_the_stand_in_refuses_a_stale_shadow_version_with_409(service, mosquitto, pki):
