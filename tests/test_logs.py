@@ -15,7 +15,7 @@ from agent.observe.logs import configure_logging
 from agent.settings import LogSettings
 
 TEXT_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|WARNING|ERROR) ([\w.]+): (.+)$")
-SERVING = re.compile(r"serving model mnist-int8 version \S+ on backend (litert|tflite-runtime)")
+SERVING = re.compile(r"serving model mnist-int8 version \S+ on backend (\S+) \((.+)\)")
 
 
 def log_lines(stderr: str) -> list[re.Match]:
@@ -57,7 +57,7 @@ def test_json_format_is_one_object_per_line_with_the_events_own_fields():
     logged = [r for r in records if "logger" in r]
     assert logged and all({"time", "level", "logger", "message"} <= set(r) for r in logged)
     [serving] = [r for r in logged if SERVING.fullmatch(r["message"])]
-    assert serving["level"] == "INFO" and serving["model"] == "mnist-int8" and serving["backend"] in ("litert", "tflite-runtime")
+    assert serving["level"] == "INFO" and serving["model"] == "mnist-int8" and serving["backend"] == "litert" and serving["device"]
     assert TEXT_LINE.match(f"{serving['time']} INFO x: y")  # the same UTC timestamp as text lines
 
 
