@@ -26,7 +26,7 @@ from agent.settings import MqttSettings, Settings
 from agent.topics import Topics
 from agent.transport.base import PublishRejected
 from agent.transport.outbox import open_outbox
-from agent.transport.spooled import SpooledTransport
+from agent.transport.spooled import SpooledTransport, describe
 from agent.transport.tls import check_credentials, server_certificate_problem
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,6 @@ def existing_file(path: Path | None, setting: str, what: str) -> str:
     if not Path(path).is_file():
         raise TransportError(f"mqtt.{setting} {path}: no such file; pass --{setting} with the {what}")
     return str(path)
-
-
-def failure_name(error: BaseException | None) -> str:
-    return getattr(error, "name", None) or repr(error)
 
 
 class MqttLink:
@@ -240,7 +236,7 @@ class MqttLink:
         if self._closing:  # stop() ends an attempt in progress this way
             return
         reason = data.connack_packet.reason_code if data.connack_packet else None
-        name = failure_name(data.exception)
+        name = describe(data.exception)
         if reason in FATAL_CONNACK:
             self._fault(f"the broker refused the connection ({reason.name}); check that mqtt.cert is active and its IoT policy lets it connect as client id {self.client_id!r} (thing_name)")
         elif name in FATAL_CONNECT and not self.connections:
@@ -261,7 +257,7 @@ class MqttLink:
                 self.client_id, self.client_id, extra={"client_id": self.client_id, "reason": "SESSION_TAKEN_OVER"},
             )
             return
-        why = f"the broker said {packet.reason_code.name}" if packet is not None else failure_name(data.exception)
+        why = f"the broker said {packet.reason_code.name}" if packet is not None else describe(data.exception)
         log.warning("disconnected from %s (%s); reconnecting with backoff", self.address, why)
 
 

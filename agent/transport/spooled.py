@@ -89,11 +89,13 @@ def publishes(due: list[Spooled], batch_max: int) -> list[list[Spooled]]:
     return groups
 
 
-def describe(error: BaseException) -> str:
-    """An exception as words even when its message is empty (a timeout's is)."""
+def describe(error: BaseException | None) -> str:
+    """An exception as words even when its message is empty (a timeout's is): awscrt's error name, else its text."""
+    if error is None:
+        return "no reason given"
     if isinstance(error, (TimeoutError, FutureTimeout)):
         return "no acknowledgement in time"
-    return str(error) or getattr(error, "name", None) or type(error).__name__
+    return getattr(error, "name", None) or str(error) or type(error).__name__
 
 
 def refusal(topic: str, payload: bytes, kind: str) -> str | None:
