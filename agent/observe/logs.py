@@ -17,6 +17,9 @@ from typing import TextIO
 from agent.settings import LogSettings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Libraries whose faults the agent reports in its own words, shown only at DEBUG: awsiot's IPC client logs
+# each failed connection at ERROR, which the agent turns into one line naming the fix.
+REPORTED_BY_THE_AGENT = ("awsiot",)
 # What every LogRecord carries; anything else on a record came from `extra=` and is the event's own field.
 STANDARD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -46,7 +49,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
-    """Every logger's records at `settings.level` and above, to stderr, in `settings.format`."""
+    """The agent's records at `settings.level` and above, to stderr, in `settings.format`; other libraries'
+    at WARNING and above (their INFO is chatter), all of them at DEBUG."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
-    logging.basicConfig(level=settings.level, handlers=[handler], force=True)
+    level = logging.getLevelName(settings.level)
+    debugging = level == logging.DEBUG
+    logging.basicConfig(level=level if debugging else max(level, logging.WARNING), handlers=[handler], force=True)
+    logging.getLogger("agent").setLevel(level)
+    for name in REPORTED_BY_THE_AGENT:
+        logging.getLogger(name).setLevel(logging.NOTSET if debugging else logging.CRITICAL + 1)
