@@ -14,7 +14,7 @@ from agent.bundles.starting import starting_keys
 from agent.cloud.host import Host
 from agent.errors import AgentError
 from agent.inference.model import LoadedModel, load_model
-from agent.inference.pipeline import Pipeline, PipelineStats, Tuning
+from agent.inference.pipeline import Pipeline, Tuning
 from agent.inference.slot import ModelSlot
 from agent.messages import SequenceCounter
 from agent.observe.liveview import LiveViewServer
@@ -120,7 +120,23 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
             watchdog.close()
 
 
-def run_agent(settings: Settings) -> PipelineStats:
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What a finished run did: the line `edge-agent run` prints on stderr as it ends."""
+
+    frames: int  # processed
+    results: int  # published
+    predictions: int
+    frames_corrupt: int  # skipped: they did not decode
+    frames_dropped: int  # a live source's frames the pipeline was too slow (or too paced) to take
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> RunSummary:
+        stats, source = pipeline.stats, pipeline.source.stats
+        return cls(stats.frames, stats.results, stats.predictions, source.corrupt, source.dropped)
+
+
+def run_agent(settings: Settings) -> RunSummary:
     """The `edge-agent run` command: serve until the source ends, max_frames, or a stop signal."""
     host = build_host(settings)
     pipeline: Pipeline | None = None
@@ -134,7 +150,8 @@ def run_agent(settings: Settings) -> PipelineStats:
             transport.start(pipeline.status("online"))
             started = True
             host.serving(pipeline)
-            return pipeline.run(settings.max_frames)
+            pipeline.run(settings.max_frames)
+            return RunSummary.of(pipeline)
     except AgentError as error:
         host.failed(error)
         raise
