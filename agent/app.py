@@ -21,7 +21,7 @@ from agent.observe.liveview import LiveViewServer
 from agent.observe.metrics import Health, Metrics
 from agent.observe.watchdog import supervise
 from agent.settings import Settings
-from agent.sources import FrameSource
+from agent.sources import FrameSource, open_source
 from agent.topics import Topics
 from agent.transport.base import Transport
 
@@ -80,6 +80,8 @@ def build_pipeline(
     wanted = tuning(settings)
     if publish_empty is not None:
         wanted = dataclasses.replace(wanted, publish_empty=publish_empty)
+    # Only start-up waits for a camera or stream that is not there yet; the pipeline's own reopens try once.
+    source = source or open_source(settings.source, wait_s=settings.source.open_timeout_s)
     return Pipeline(settings.source, slot, transport, sequence, wanted, source=source)
 
 

@@ -231,7 +231,7 @@ def test_live_source_close_unblocks_a_waiting_read(tmp_path):
 
 def test_unopenable_stream_is_a_source_error():
     with pytest.raises(SourceError, match="cannot open"):
-        open_source(SourceSettings(spec="rtsp://127.0.0.1:1/none", read_timeout_s=1, open_timeout_s=0))
+        open_source(SourceSettings(spec="rtsp://127.0.0.1:1/none", read_timeout_s=1))
 
 
 # --- A source where nothing decodes: it says so, never spins -------------------------------------------------
@@ -329,12 +329,12 @@ def test_a_stop_interrupts_a_paced_read():
 # --- Live sources: late at start-up, lost and back, paced ------------------------------------------------------
 
 def test_a_stream_that_comes_up_after_the_agent_is_waited_for():
-    """A stream that boots after the device: before, `cannot open` at once; now retried for open_timeout_s."""
+    """A stream that boots after the device: before, `cannot open` at once; now retried at start-up."""
     camera = MjpegCamera()
     later = threading.Timer(1.5, camera.start)
     later.start()
     try:
-        source = open_source(SourceSettings(spec=camera.url, open_timeout_s=60, reconnect_initial_s=0.1, reconnect_max_s=0.5))
+        source = open_source(SourceSettings(spec=camera.url, reconnect_initial_s=0.1, reconnect_max_s=0.5), wait_s=60)
         assert source.read() is not None
         source.close()
     finally:
@@ -342,10 +342,10 @@ def test_a_stream_that_comes_up_after_the_agent_is_waited_for():
         camera.stop()
 
 
-def test_a_stream_that_never_comes_up_is_a_source_error_after_open_timeout():
+def test_a_stream_that_never_comes_up_is_a_source_error_after_the_wait():
     url = f"http://127.0.0.1:{free_port()}/stream.mjpg"
     with pytest.raises(SourceError, match=r"cannot open it \(\d+ attempts in 1 s, source.open_timeout_s\)"):
-        open_source(SourceSettings(spec=url, open_timeout_s=1, reconnect_initial_s=0.1, reconnect_max_s=0.2))
+        open_source(SourceSettings(spec=url, reconnect_initial_s=0.1, reconnect_max_s=0.2), wait_s=1)
 
 
 def test_run_gives_up_on_a_missing_stream_in_one_line():

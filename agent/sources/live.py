@@ -1,9 +1,9 @@
 """Live sources (camera, RTSP/HTTP stream): captured on their own thread, newest frame only, reopened when lost.
 
-A live source that cannot be opened at start-up is tried again for `open_timeout_s` (a camera plugged in
-late, a stream that boots after the device). Once running, a lost source is probed every
-`reconnect_initial_s`, doubling to at most `reconnect_max_s`: a short cap, so frames flow again within
-about that long of the source's return, however long it was away.
+A live source that cannot be opened is tried again for the `wait_s` it is given: the agent's start-up gives
+`source.open_timeout_s` (a camera plugged in late, a stream that boots after the device). Once running, a
+lost source is probed every `reconnect_initial_s`, doubling to at most `reconnect_max_s`: a short cap, so
+frames flow again within about that long of the source's return, however long it was away.
 """
 
 from __future__ import annotations
@@ -30,31 +30,31 @@ class LiveSource(FrameSource):
     device stops delivering, the capture thread reopens it, forever, until `close()`.
     """
 
-    def __init__(self, name: str, open_capture: Callable[[], cv2.VideoCapture], settings: SourceSettings):
+    def __init__(self, name: str, open_capture: Callable[[], cv2.VideoCapture], settings: SourceSettings, wait_s: float = 0.0):
         super().__init__(name, settings.pace_fps)
         self._open_capture = open_capture
         self._settings = settings
         self._latest: np.ndarray | None = None
         self._latest_index = -1
         self._taken_index = -1
-        capture = self._open_at_start()
+        capture = self._open(wait_s)
         self._thread = threading.Thread(target=self._capture_loop, args=(capture,), name=f"capture {name}", daemon=True)
         self._thread.start()
 
-    def _open_at_start(self) -> cv2.VideoCapture:
-        """The opened capture, after retrying for up to open_timeout_s; SourceError if it never opens."""
+    def _open(self, wait_s: float) -> cv2.VideoCapture:
+        """The opened capture, after retrying for up to `wait_s`; SourceError if it does not open."""
         settings = self._settings
-        deadline = time.monotonic() + settings.open_timeout_s
+        deadline = time.monotonic() + wait_s
         wait = settings.reconnect_initial_s
         attempts = 1
         while not (capture := self._open_capture()).isOpened():
             capture.release()
             left = deadline - time.monotonic()
             if left <= 0 or self.stopped:
-                tried = f" ({attempts} attempts in {settings.open_timeout_s:g} s, source.open_timeout_s)" if attempts > 1 else ""
+                tried = f" ({attempts} attempts in {wait_s:g} s, source.open_timeout_s)" if attempts > 1 else ""
                 raise SourceError(f"source {self.name}: cannot open it{tried}; check the device index or URL and that nothing else holds the camera")
             if attempts == 1:
-                log.info("source %s: cannot open it yet; trying again for up to %g s", self.name, settings.open_timeout_s)
+                log.info("source %s: cannot open it yet; trying again for up to %g s", self.name, wait_s)
             self._pause(min(wait, left))
             wait = min(wait * 2, settings.reconnect_max_s)
             attempts += 1

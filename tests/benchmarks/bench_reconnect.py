@@ -5,9 +5,11 @@ collected by pytest).
 
 The agent runs as a process (`edge-agent run`, console transport) on an IP camera served by this script:
 the sample video as multipart JPEG over HTTP at 15 fps, read by OpenCV's FFmpeg like a real camera. Each
-round the camera goes away for `--down` seconds (its server closes every connection and the port refuses),
-then comes back on the same port; the figure is the time from the server listening again to the next
-inference result on the agent's stdout. `--set source.reconnect_max_s=30` measures other settings.
+round the camera goes away (its server closes every connection and the port refuses) for `--down` seconds
+plus a fraction of a second spread evenly over the rounds, so the camera's return falls at every point
+between two of the agent's probes; then it comes back on the same port. The figure is the time from the
+server listening again to the next inference result on the agent's stdout. `--set source.reconnect_max_s=30`
+measures other settings.
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def main() -> None:
         arrivals = results_of(agent)
         if next_after(arrivals, 0.0, timeout=60) is None:
             raise SystemExit("no result from the agent within 60 s")
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             camera.stop()
-            time.sleep(args.down)
+            time.sleep(args.down + round_ / args.rounds)
             camera.start()
             seconds.append(next_after(arrivals, time.monotonic(), timeout=120))
     finally:
