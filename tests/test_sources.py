@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -25,6 +26,18 @@ from agent.sources import (
 
 def frame_count(path) -> int:
     return int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
+
+
+def read_while(source, action: Callable[[], None], timeout: float = 60):
+    """What `source.read()` returns when `action()` happens while it waits; the read must end within `timeout`."""
+    result = []
+    reader = threading.Thread(target=lambda: result.append(source.read()))
+    reader.start()
+    time.sleep(0.2)
+    action()
+    reader.join(timeout=timeout)
+    assert not reader.is_alive(), "read() did not end"
+    return result[0]
 
 
 def read_all(source) -> list:
@@ -220,13 +233,7 @@ def test_live_source_close_unblocks_a_waiting_read(tmp_path):
     writer.release()
     source = LiveSource("one-frame", video_opener(still), SourceSettings(reconnect_initial_s=5, reconnect_max_s=5))
     source.read()
-    result = []
-    reader = threading.Thread(target=lambda: result.append(source.read()))
-    reader.start()
-    time.sleep(0.2)
-    source.close()
-    reader.join(timeout=5)
-    assert result == [None]
+    assert read_while(source, source.close) is None
 
 
 def test_unopenable_stream_is_a_source_error():
@@ -317,13 +324,7 @@ def test_a_stop_interrupts_a_paced_read():
     """A file paced at one frame per 100 s: interrupt() (what SIGTERM does) ends the wait for the next one."""
     source = VideoFileSource(SAMPLE_VIDEO, pace_fps=0.01)
     assert source.read() is not None  # the first frame goes at once
-    result = []
-    reader = threading.Thread(target=lambda: result.append(source.read()))
-    reader.start()
-    time.sleep(0.2)
-    source.interrupt()
-    reader.join(timeout=30)
-    assert not reader.is_alive() and result == [None]
+    assert read_while(source, source.interrupt) is None
 
 
 # --- Live sources: late at start-up, lost and back, paced ------------------------------------------------------
@@ -366,12 +367,7 @@ def test_frames_flow_again_when_a_dropped_stream_comes_back(camera, caplog):
             while source.stats.reconnects < 3 and time.monotonic() < deadline:  # down for a few probes
                 time.sleep(0.1)
             assert source.stats.reconnects >= 3
-            camera.start()
-            frames = []
-            reader = threading.Thread(target=lambda: frames.append(source.read()))
-            reader.start()
-            reader.join(timeout=60)
-            assert frames and frames[0] is not None
+            assert read_while(source, camera.start) is not None
         finally:
             source.close()
     messages = [r.getMessage() for r in caplog.records]

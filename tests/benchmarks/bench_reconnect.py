@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from agent_process import stop_process  # noqa: E402
 from conftest import REPO, agent_env  # noqa: E402
 from mjpeg_camera import MjpegCamera  # noqa: E402
 
@@ -80,12 +81,7 @@ def main() -> None:
             camera.start()
             seconds.append(next_after(arrivals, time.monotonic(), timeout=120))
     finally:
-        agent.terminate()
-        try:
-            agent.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(timeout=15)
+        stop_process(agent)
         camera.stop()
     measured = [s for s in seconds if s is not None]
     print(json.dumps({
