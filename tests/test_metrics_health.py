@@ -135,10 +135,10 @@ class SourcesSeen:
         self.last = frame.source
 
 
-def test_watchdog_restarts_the_source_that_replaced_the_first(camera, jpegs):
+def test_watchdog_restarts_the_source_that_replaced_the_first(camera):
     """A source replaced while running (as a Greengrass configuration change does) is the one the watchdog
     reopens when it freezes, not the one the agent started with."""
-    second = MjpegCamera(jpegs).start()
+    second = MjpegCamera().start()
     seen = SourcesSeen()
     running = Running(stream_settings(camera), WatchdogSettings(source_stall_s=1.5, check_interval_s=0.2, max_restarts=2), blocker=seen)
     try:
