@@ -16,14 +16,14 @@ from agent.bundles.starting import starting_keys
 from agent.cloud.host import Host
 from agent.errors import AgentError
 from agent.inference.model import LoadedModel, load_model
-from agent.inference.pipeline import Pipeline, PipelineStats, Tuning
+from agent.inference.pipeline import Pipeline, Tuning
 from agent.inference.slot import ModelSlot
 from agent.messages import SequenceCounter
 from agent.observe.liveview import LiveViewServer
 from agent.observe.metrics import Health, Metrics
 from agent.observe.watchdog import supervise
 from agent.settings import Settings
-from agent.sources import FrameSource
+from agent.sources import FrameSource, open_source
 from agent.topics import Topics
 from agent.transport.base import Transport
 
@@ -97,6 +97,8 @@ def build_pipeline(
     wanted = tuning(settings)
     if publish_empty is not None:
         wanted = dataclasses.replace(wanted, publish_empty=publish_empty)
+    # Only start-up waits for a camera or stream that is not there yet; the pipeline's own reopens try once.
+    source = source or open_source(settings.source, wait_s=settings.source.open_timeout_s)
     return Pipeline(settings.source, slot, transport, sequence, wanted, source=source)
 
 
@@ -150,7 +152,23 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
             watchdog.close()
 
 
-def run_agent(settings: Settings) -> PipelineStats:
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What a finished run did: the line `edge-agent run` prints on stderr as it ends."""
+
+    frames: int  # processed
+    results: int  # published
+    predictions: int
+    frames_corrupt: int  # skipped: they did not decode
+    frames_dropped: int  # a live source's frames the pipeline was too slow (or too paced) to take
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> RunSummary:
+        stats, source = pipeline.stats, pipeline.source.stats
+        return cls(stats.frames, stats.results, stats.predictions, source.corrupt, source.dropped)
+
+
+def run_agent(settings: Settings) -> RunSummary:
     """The `edge-agent run` command: serve until the source ends, max_frames, or a stop signal."""
     host = build_host(settings)
     pipeline: Pipeline | None = None
@@ -167,7 +185,8 @@ def run_agent(settings: Settings) -> PipelineStats:
             started = True
             host.serving(pipeline)
             log_serving(pipeline)  # after the host: it may have put the model store's model in service
-            return pipeline.run(settings.max_frames)
+            pipeline.run(settings.max_frames)
+            return RunSummary.of(pipeline)
     except AgentError as error:
         host.failed(error)
         raise

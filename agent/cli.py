@@ -6,6 +6,7 @@ This is the one place an AgentError becomes a line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "--ca": (("mqtt", "ca"), {}, "CA certificate for the endpoint (default: Amazon Root CA 1)"),
     "--backend": (("model", "backend"), {"choices": ["auto", "litert", "tflite-runtime"]}, "TFLite runtime"),
     "--threshold": (("model", "score_threshold"), {}, "publish predictions scoring at least this"),
-    "--pace-fps": (("source", "pace_fps"), {}, "deliver file frames at this rate, like a camera"),
+    "--pace-fps": (("source", "pace_fps"), {}, "at most this many frames a second (a file is read like a camera; a live source drops the rest)"),
     "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
     "--liveview-port": (("liveview", "port"), {}, "port of the live view, /metrics and /healthz (default 8080)"),
     "--state-dir": (("state_dir",), {}, "folder for the outbox and model store (default ~/.local/state/edge-agent)"),
@@ -82,8 +83,8 @@ def settings_from(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.app import run_agent
 
-    stats = run_agent(args.settings)
-    print(json.dumps({"frames": stats.frames, "results": stats.results, "predictions": stats.predictions}), file=sys.stderr)
+    summary = run_agent(args.settings)
+    print(json.dumps(dataclasses.asdict(summary)), file=sys.stderr)
     return 0
 
 

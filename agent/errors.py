@@ -5,7 +5,11 @@ them into that line on stderr and exit code 2. Nothing else catches them to prin
 carries a reason code, so an update reports why a model was refused without checking it again.
 """
 
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
+from pathlib import Path
 
 
 class Reason(StrEnum):
@@ -56,3 +60,26 @@ class SourceError(AgentError):
 
 class TransportError(AgentError):
     """A transport that cannot deliver: bad certificate, refused connection, denied topic, oversize payload."""
+
+
+class OutputError(AgentError):
+    """A file a command was told to write (`--out`, `--key`, `--zip`) that cannot be written there."""
+
+
+@contextmanager
+def writing(option: str, path: Path) -> Iterator[None]:
+    """Around the writing of `path` (given as `option`): an OSError becomes an OutputError naming both."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot write there ({_reason(exc)}); choose a folder you can write to") from None
+
+
+def _reason(error: OSError) -> str:
+    """Why: the OS's words, or, when a file stands where a folder should be, which file."""
+    if error.errno in (errno.ENOTDIR, errno.EEXIST) and error.filename:
+        failed = Path(error.filename)
+        blocker = next((p for p in (failed, *failed.parents) if p.is_file()), None)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
+    return error.strerror or type(error).__name__

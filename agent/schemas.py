@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.errors import writing
 from agent.messages import PUBLISHED
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
@@ -26,11 +27,13 @@ def render(schema: dict) -> str:
 
 
 def write_schemas(out: Path | None = None) -> list[Path]:
+    """Write every schema into `out` (created if missing; default: the package's schemas folder)."""
     folder = out or SCHEMA_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, schema in schema_documents().items():
-        path = folder / file_name
-        path.write_text(render(schema), encoding="utf-8")
-        written.append(path)
+    with writing("--out", folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        for file_name, schema in schema_documents().items():
+            path = folder / file_name
+            path.write_text(render(schema), encoding="utf-8")
+            written.append(path)
     return written

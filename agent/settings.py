@@ -8,12 +8,14 @@ branch it needs.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import string
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Mapping
 
 import tomllib
 import yaml
@@ -46,10 +48,11 @@ class Section(BaseModel):
 class SourceSettings(Section):
     spec: str = Field(str(SHIPPED_SAMPLE_VIDEO), description="camera:N, a video file, an image folder, or an rtsp:// / http(s):// stream URL (default: the sample video shipped in the package)")
     loop: bool = Field(False, description="restart a video file or image folder at its end instead of stopping")
-    pace_fps: float | None = Field(None, gt=0, description="deliver file frames at this rate, like a camera (default: as fast as the model goes)")
+    pace_fps: float | None = Field(None, gt=0, description="most frames a second taken from the source: a file is read at this rate, like a camera; a camera or stream drops the frames in between (default: as fast as the model goes)")
     colour: bool = Field(False, description="keep frames in colour (the live view shows them so); off, frames are grey, all the digit finder reads, and an MJPG file decodes in 40% less time")
-    reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a live source that disappeared")
-    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reopen attempts (exponential backoff)")
+    open_timeout_s: float = Field(30.0, ge=0, description="how long start-up keeps trying to open a camera or stream that is not there yet (plugged in late, still booting) before giving up; 0: one attempt")
+    reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a live source that disappeared (or did not open at start-up)")
+    reconnect_max_s: float = Field(1.0, gt=0, description="longest wait between reopen attempts (the wait doubles up to this); frames flow again within about this long of the source's return")
     read_timeout_s: float = Field(5.0, gt=0, description="a live source with no new frame for this long counts as stalled")
 
 
@@ -67,12 +70,29 @@ class ModelSettings(Section):
         return int(self.max_bundle_mb * 1024 * 1024)
 
 
+TOPIC_PLACEHOLDERS = ("prefix", "thing")
+
+
 class TopicSettings(Section):
     prefix: str = Field("edge", description="first topic level; '{thing}' below is the thing name")
     inference: str = Field("{prefix}/{thing}/inference", description="results, QoS 1")
     status: str = Field("{prefix}/{thing}/status", description="retained online/degraded/offline (the last will)")
     metrics: str = Field("{prefix}/{thing}/metrics", description="periodic pipeline statistics")
     commands: str = Field("{prefix}/{thing}/commands", description="subscribed: commands addressed to this thing")
+
+    @field_validator("inference", "status", "metrics", "commands")
+    @classmethod
+    def _placeholders_known(cls, template: str) -> str:
+        """A template is expanded with str.format: refuse here what would fail (or come out wrong) there."""
+        usage = "placeholders are {prefix} and {thing}, and a literal brace is written twice"
+        try:
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+        except ValueError as exc:  # an unbalanced brace
+            raise ValueError(f"{str(exc).lower()}; {usage}") from None
+        for name, spec, conversion in fields:
+            if name not in TOPIC_PLACEHOLDERS or spec or conversion:
+                raise ValueError(f"unknown placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}; {usage}")
+        return template
 
 
 class MqttSettings(Section):
@@ -260,9 +280,47 @@ class Settings(Section):
         return self
 
 
+ENV_PREFIX = "EDGE_AGENT_"
+ENV_NESTED_DELIMITER = "__"
+
+
+def environment_variable(path: tuple[str, ...]) -> str:
+    """The EDGE_AGENT_* variable that sets the setting at `path`, e.g. ("mqtt", "port") -> EDGE_AGENT_MQTT__PORT."""
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(path).upper()
+
+
+def setting_paths(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every branch and leaf of the settings tree as a key path: all an environment variable may name."""
+    for name, field in model.model_fields.items():
+        path = prefix + (name,)
+        yield path
+        for branch in _models_in(field.annotation):
+            yield from setting_paths(branch, path)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The settings models a field holds: its own type, or each model of a union."""
+    if (section := _section(annotation)) is not None:
+        return [section]
+    return [model for argument in typing.get_args(annotation) for model in _models_in(argument)]
+
+
+def check_environment_names(environ: Mapping[str, str]) -> None:
+    """Every EDGE_AGENT_* variable must name a setting. pydantic-settings looks up only the names it knows,
+    so a typo in a section or top-level name (EDGE_AGENT_MQQT__PORT, EDGE_AGENT_MQTT_PORT) would be ignored."""
+    known = {environment_variable(path).removeprefix(ENV_PREFIX) for path in setting_paths()}
+    for name in sorted(environ):
+        variable = name.upper()  # pydantic-settings matches names case-insensitively
+        if variable.startswith(ENV_PREFIX) and variable.removeprefix(ENV_PREFIX) not in known:
+            close = difflib.get_close_matches(variable.removeprefix(ENV_PREFIX), known, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            raise ConfigError(f"environment variable {name} names no setting{hint}; fix or unset it (`edge-agent settings` lists every variable)")
+
+
 def environment_values() -> dict[str, Any]:
     """EDGE_AGENT_* variables as a nested dict (values still strings; Settings validates them)."""
-    return EnvSettingsSource(Settings, env_prefix="EDGE_AGENT_", env_nested_delimiter="__")()
+    check_environment_names(os.environ)
+    return EnvSettingsSource(Settings, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER)()
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
@@ -272,17 +330,37 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     if loader is None:
         raise ConfigError(f"--config {path}: unknown format; use a .yaml, .json or .toml file")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"--config {path}: cannot read it ({exc.strerror}); pass an existing settings file") from None
     try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save it as UTF-8") from None
+    try:
         data = loader(text) or {}
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({first})") from None
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} at {_where(exc, text)}; fix it there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of settings at the top level")
     return data
+
+
+def _where(error: Exception, text: str) -> str:
+    """Where a YAML, JSON or TOML parser stopped in `text`, and why: "line L, column C: problem"."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    if isinstance(error, yaml.MarkedYAMLError) and (mark := error.problem_mark or error.context_mark):
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem or error.context}"
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow
+        before = text[: error.position]
+        code = error.character if isinstance(error.character, int) else ord(error.character)
+        return f"line {before.count(chr(10)) + 1}, column {len(before) - before.rfind(chr(10))}: character U+{code:04X} is not allowed"
+    first = str(error).strip().splitlines()[0]
+    if match := re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", first):  # tomllib
+        return f"line {match[2]}, column {match[3]}: {match[1]}"
+    return first
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +378,7 @@ def describe_validation_error(error: ValidationError, origin: str = "setting") -
     """The first pydantic error as one line: which key, what was wrong, what it got."""
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown setting; check its spelling against the settings table in README.md"
     value = first.get("input")
@@ -395,6 +473,6 @@ def settings_table() -> str:
     """The settings reference as a Markdown table (key, environment variable, default, meaning)."""
     lines = ["| setting | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for key, default, description in settings_reference():
-        variable = "EDGE_AGENT_" + key.replace(".", "__").upper()
+        variable = environment_variable(tuple(key.split(".")))
         lines.append(f"| `{key}` | `{variable}` | `{default}` | {description.replace('|', '/')} |")
     return "\n".join(lines) + "\n"

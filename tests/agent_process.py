@@ -85,10 +85,15 @@ def running_agent(*args: str, env: dict[str, str] | None = None) -> Iterator[Age
         wait_for(answering, "the live view to answer")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, as systemd or Greengrass stop the agent; SIGKILL if it is still there 15 s later."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -16,6 +16,7 @@ from conftest import (
     SHIPPED_BUNDLE,
     agent_env,
     assert_one_line_error,
+    one_line_error,
     run_cli,
 )
 
@@ -67,7 +68,8 @@ def test_empty_folder(tmp_path):
 
 @pytest.mark.parametrize("spec, needle", [("camera:front", "camera:N"), ("camera:57", "cannot open")])
 def test_bad_camera(spec, needle):
-    assert_one_line_error(run_cli("run", "--source", spec, "--max-frames", "1"), spec, needle)
+    no_retry = agent_env(EDGE_AGENT_SOURCE__OPEN_TIMEOUT_S="0")
+    assert_one_line_error(run_cli("run", "--source", spec, "--max-frames", "1", env=no_retry), spec, needle)
 
 
 def test_setting_of_wrong_type_from_flag():
@@ -153,3 +155,74 @@ def test_model_whose_input_is_not_an_image(tmp_path):
     np.savez(bundle / "golden.npz", x=np.zeros((4, 10), np.uint8), y=np.zeros(4, np.uint8))
     write_manifest(bundle, raw)
     assert_one_line_error(run_cli("run", "--model", bundle, "--allow-unsigned", "--max-frames", "1"), "not an image")
+
+
+@pytest.mark.parametrize("variable", ["EDGE_AGENT_TRANSPRT=mqtt", "EDGE_AGENT_MQQT__PORT=1", "EDGE_AGENT_MQTT_PORT=eighty"])
+def test_misspelt_environment_variable(variable):
+    name, value = variable.split("=")
+    assert_one_line_error(run_cli("run", "--max-frames", "1", env=agent_env(**{name: value})), name, "names no setting")
+
+
+def test_settings_file_that_is_not_utf8(tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_bytes("thing_name: caf\u00e9\n".encode("latin-1"))
+    assert_one_line_error(run_cli("run", "--config", config), str(config), "not UTF-8")
+
+
+def test_settings_file_with_a_yaml_error(tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text("source:\n  spec: camera:0\n loop: true\n")
+    assert_one_line_error(run_cli("run", "--config", config), str(config), "line 3, column 2")
+
+
+def test_topic_template_typo():
+    env = agent_env(EDGE_AGENT_TOPICS__STATUS="{prefix}/{thng}/status")
+    assert_one_line_error(run_cli("run", "--max-frames", "1", env=env), "topics.status", "{thng}")
+
+
+def unusable_places(tmp_path: Path) -> list[Path]:
+    """Folders nothing can be written into, even as root: one under a regular file, and one inside /proc."""
+    regular = tmp_path / "a-file"
+    regular.write_text("a file, not a folder")
+    return [regular / "out", Path("/proc/edge-agent-test/out")]
+
+
+@pytest.mark.parametrize("place", [0, 1])
+def test_unusable_output_paths_are_one_line(tmp_path, place):
+    """Before: a traceback from mkdir, open or zipfile."""
+    folder = unusable_places(tmp_path)[place]
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_BUNDLE, bundle)
+    for program, args, option in (
+        ("agent", ["schema", "--out", folder], "--out"),
+        ("agent.fleet", ["model", "keygen", "--key", folder / "fleet.key"], "--key"),
+        ("agent.fleet", ["model", "keygen", "--key", tmp_path / "fleet.key", "--public", folder / "fleet.pub"], "--public"),
+        ("agent.fleet", ["model", "pack", bundle, "--zip", folder / "bundle.zip"], "--zip"),
+    ):
+        result = run_cli(*args, program=program)
+        line = one_line_error(result, program="edge-fleet" if program == "agent.fleet" else "edge-agent")
+        assert f"{option} {folder}" in line and "cannot write there" in line, line
+    assert not (tmp_path / "fleet.key").exists(), "a private key without its public half is not left behind"
+
+
+def test_output_folders_that_do_not_exist_yet_are_made(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_BUNDLE, bundle)
+    assert run_cli("schema", "--out", tmp_path / "new" / "schemas").returncode == 0
+    assert run_cli("model", "pack", bundle, "--zip", tmp_path / "new" / "zips" / "b.zip", program="agent.fleet").returncode == 0
+    assert (tmp_path / "new" / "schemas" / "status.schema.json").is_file() and (tmp_path / "new" / "zips" / "b.zip").is_file()
+
+
+def test_run_warns_about_skipped_images_and_counts_them_in_its_summary(tmp_path):
+    import cv2
+
+    capture = cv2.VideoCapture(str(SAMPLE_VIDEO))
+    for name in ("a.png", "c.png"):
+        cv2.imwrite(str(tmp_path / name), capture.read()[1])
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    result = run_cli("run", "--source", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert any("skipped 1 image" in line and str(tmp_path / "b.png") in line for line in lines), result.stderr
+    summary = json.loads(lines[-1])
+    assert summary["frames"] == 2 and summary["frames_corrupt"] == 1 and summary["frames_dropped"] == 0

@@ -1,5 +1,6 @@
 """Metrics, health and the watchdog on a real agent: real frames from the sample video, or from an MJPEG
-stream this test serves over HTTP and can stop, restart or freeze, read by OpenCV's FFmpeg like a camera."""
+stream this test serves over HTTP and can stop, restart or freeze, read by OpenCV's FFmpeg like a camera
+(tests/mjpeg_camera.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ import io
 import json
 import socket
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import cv2
 import pytest
-from agent_process import free_port, get, metrics, running_agent, wait_for
+from agent_process import get, metrics, running_agent, wait_for
 from conftest import SAMPLE_VIDEO, run_cli
+from mjpeg_camera import MjpegCamera, camera  # noqa: F401 (camera: a fixture)
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app import build_pipeline
@@ -23,79 +22,6 @@ from agent.observe.watchdog import supervise
 from agent.settings import Settings, WatchdogSettings
 from agent.sources.restartable import RestartableSource
 from agent.transport.console import ConsoleTransport
-
-
-@pytest.fixture(scope="module")
-def jpegs() -> list[bytes]:
-    capture = cv2.VideoCapture(str(SAMPLE_VIDEO))
-    frames = []
-    while (read := capture.read())[0]:
-        frames.append(cv2.imencode(".jpg", read[1])[1].tobytes())
-    capture.release()
-    return frames
-
-
-class MjpegCamera:
-    """An IP camera: the sample video as multipart JPEG over HTTP at 15 fps, that a test can stop, start
-    again on the same port, or freeze (connections stay open, no more bytes: a hung camera)."""
-
-    def __init__(self, jpegs: list[bytes]):
-        self.jpegs = jpegs
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
-        self.frozen = threading.Event()  # connections open before freeze() send nothing more
-        self._server: ThreadingHTTPServer | None = None
-        self._generation = 0
-        self._frozen_generation = -1
-
-    def start(self) -> MjpegCamera:
-        camera = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                generation = camera._generation
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                index = 0
-                try:
-                    while camera._server is server:
-                        if generation <= camera._frozen_generation:
-                            time.sleep(0.05)
-                            continue
-                        jpeg = camera.jpegs[index % len(camera.jpegs)]
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg))
-                        index += 1
-                        time.sleep(1 / 15)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
-        self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return self
-
-    def freeze(self) -> None:
-        """Connections open now stop sending (and stay open); new connections are served normally."""
-        self._frozen_generation = self._generation
-        self._generation += 1
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-
-@pytest.fixture
-def camera(jpegs):
-    camera = MjpegCamera(jpegs).start()
-    yield camera
-    camera.stop()
 
 
 def test_metrics_move_as_frames_flow():
@@ -209,10 +135,10 @@ class SourcesSeen:
         self.last = frame.source
 
 
-def test_watchdog_restarts_the_source_that_replaced_the_first(camera, jpegs):
+def test_watchdog_restarts_the_source_that_replaced_the_first(camera):
     """A source replaced while running (as a Greengrass configuration change does) is the one the watchdog
     reopens when it freezes, not the one the agent started with."""
-    second = MjpegCamera(jpegs).start()
+    second = MjpegCamera().start()
     seen = SourcesSeen()
     running = Running(stream_settings(camera), WatchdogSettings(source_stall_s=1.5, check_interval_s=0.2, max_restarts=2), blocker=seen)
     try:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import ModelError, Reason
+from agent.errors import ModelError, OutputError, Reason, writing
 
 # Where `edge-fleet model keygen` puts a private key by default: outside any repository.
 DEFAULT_PRIVATE_KEY = Path("~/.config/edge-agent/dev-signing.key").expanduser()
@@ -53,12 +53,19 @@ def generate_key(private_path: Path, public_path: Path) -> str:
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    public_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(private_pem)
-    public_path.write_bytes(public_pem)
+    for option, path in (("--key", private_path), ("--public", public_path)):  # both folders before any key is written
+        with writing(option, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    with writing("--key", private_path):
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(private_pem)
+    try:
+        with writing("--public", public_path):
+            public_path.write_bytes(public_pem)
+    except OutputError:
+        private_path.unlink()  # no private key without its public half, so trying again is not "already exists"
+        raise
     return key_id(key.public_key())
 
 

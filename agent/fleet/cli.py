@@ -38,7 +38,7 @@ def cmd_model_pack(args: argparse.Namespace) -> int:
 
     manifest = pack(args.dir)
     if args.zip:
-        write_zip(args.dir, args.zip)
+        write_zip(args.dir, args.zip, option="--zip")
     print(json.dumps({"name": manifest.name, "version": manifest.version, "files": len(manifest.files), "zip": str(args.zip) if args.zip else None}))
     return 0
 

@@ -24,7 +24,7 @@ from agent.bundles.bundle import (
     sha256_file,
 )
 from agent.bundles.signing import key_id, load_private_key, sign
-from agent.errors import ModelError
+from agent.errors import ModelError, writing
 
 # The operator's own bundles: only a sanity bound (devices apply model.max_bundle_mb).
 OPERATOR_MAX_BYTES = 1 << 30
@@ -62,16 +62,23 @@ def pack(root: Path) -> ManifestBase:
     return write_manifest(root, raw)
 
 
-def write_zip(root: Path, zip_path: Path) -> None:
-    """Zip a bundle directory (files at the zip's top level, sorted, fixed times)."""
+def write_zip(root: Path, zip_path: Path, option: str = "zip") -> None:
+    """Zip a bundle directory (files at the zip's top level, sorted, fixed times); its folder is created if
+    missing. A zip that cannot be written there is an OutputError naming `option` (what the user gave)."""
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file())
     tmp = zip_path.with_name(zip_path.name + ".part")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-            info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=ZIP_TIME)
-            info.external_attr = 0o100644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, path.read_bytes())
-    os.replace(tmp, zip_path)
+    with writing(option, zip_path):
+        zip_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for path in files:
+                    info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=ZIP_TIME)
+                    info.external_attr = 0o100644 << 16
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    archive.writestr(info, path.read_bytes())
+            os.replace(tmp, zip_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def sign_bundle(bundle: Path, private_key: Path) -> str:

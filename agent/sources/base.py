@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -39,21 +40,40 @@ class SourceStats:
 
 
 class FrameSource(ABC):
-    """`read()` returns the next frame, or None once the source has ended (or was closed)."""
+    """`read()` returns the next frame, or None once the source has ended (or was closed).
 
-    def __init__(self, name: str):
+    `pace_fps` holds delivery to at most that many frames a second: a file is read like a camera, and a
+    live source drops the frames in between.
+    """
+
+    def __init__(self, name: str, pace_fps: float | None = None):
         self.name = name
         self.stats = SourceStats()
+        # Wakes whoever waits on this source (a paced read, the capture thread, a reader waiting for a frame)
+        # when it is stopped. Reentrant, because a stop signal's handler notifies it on the thread that may
+        # be inside it; `stopped` is set first, so a waiter checks it before sleeping.
+        self._changed = threading.Condition()
+        self.stopped = False
+        self._pacer = Pacer(pace_fps, sleep=self._pause)
 
     @abstractmethod
     def read(self) -> Frame | None: ...
 
     def close(self) -> None:
         """Release the device or file. Called from the thread that reads."""
+        self.interrupt()
 
     def interrupt(self) -> None:
-        """Make a `read()` that is waiting for a frame return None soon. Safe from any thread or a signal
-        handler: it releases nothing (OpenCV must not release a capture another thread is reading)."""
+        """Make a `read()` that is waiting (for a frame, or for its pace) return None soon. Safe from any thread
+        or a signal handler: it releases nothing (OpenCV must not release a capture another thread is reading)."""
+        self.stopped = True
+        with self._changed:
+            self._changed.notify_all()
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, ending early when the source is stopped; True if it was."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.stopped, seconds)
 
     def _frame(self, image: np.ndarray, index: int, source: str | None = None) -> Frame:
         self.stats.read += 1
@@ -62,7 +82,7 @@ class FrameSource(ABC):
 
 
 class Pacer:
-    """Holds a file source to a camera's rate (`pace_fps`); a no-op when unset.
+    """Holds a source to at most `fps` frames a second; a no-op when unset.
 
     Ticks are scheduled on a fixed grid, so a slow frame is caught up rather than shifting every later one.
     """

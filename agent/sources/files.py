@@ -3,36 +3,97 @@
 An MJPG file is read as its JPEG packets and libjpeg decodes each one straight to grey, skipping the colour
 planes (0.50 ms instead of FFmpeg's 0.80 ms to BGR, plus the conversion, for a 640x480 frame); other codecs go
 through FFmpeg and are converted.
+
+A frame or image that does not decode is skipped, counted (`stats.corrupt`) and, in the first pass, warned
+about. A pass that decodes nothing is a SourceError: there is nothing to serve, and looping over it would
+read the same broken file forever.
 """
 
 from __future__ import annotations
 
+import logging
+from abc import abstractmethod
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from agent.errors import SourceError
-from agent.sources.base import Frame, FrameSource, Pacer, imread_flag, in_colour_or_grey
+from agent.sources.base import Frame, FrameSource, imread_flag, in_colour_or_grey
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
-MAX_CONSECUTIVE_BAD_FRAMES = 50  # a file this broken in a row is treated as ended, not looped over forever
+MAX_CONSECUTIVE_BAD_FRAMES = 50  # a file this broken in a row is treated as ended, not read on
 MJPG = cv2.VideoWriter_fourcc(*"MJPG")
+NAMES_SHOWN = 3  # undecodable images named in a message; the rest are counted
 
 
-class VideoFileSource(FrameSource):
+class FileSource(FrameSource):
+    """A file or folder read pass after pass (one pass unless looping).
+
+    The first frame is decoded when the source is opened, so a source where nothing decodes fails at
+    start-up, before the agent announces itself online.
+    """
+
+    def __init__(self, name: str, loop: bool, pace_fps: float | None, colour: bool):
+        super().__init__(name, pace_fps)
+        self._loop = loop
+        self._colour = colour
+        self._first_pass = True
+        self._decoded_in_pass = False
+        self._ahead: tuple[np.ndarray, int, str | None] | None = None
+
+    def _open_first(self) -> None:
+        """Called last by a subclass's __init__."""
+        self._ahead = self._next()
+
+    @abstractmethod
+    def _next(self) -> tuple[np.ndarray, int, str | None] | None:
+        """The next frame that decodes, as (image, index, where it came from); None once the source ended."""
+
+    def read(self) -> Frame | None:
+        found, self._ahead = self._ahead or self._next(), None
+        if found is None:
+            return None
+        self._pacer.wait()
+        return None if self.stopped else self._frame(*found)
+
+    def _decoded(self, skipped: str) -> None:
+        """A frame decoded after `skipped` did not."""
+        self._warn(skipped)
+        self._decoded_in_pass = True
+
+    def _next_pass(self, skipped: str, nothing_decodes: str) -> bool:
+        """At the end of the file or folder: True to read it again (looping); False when the source ended.
+
+        Raises SourceError(`nothing_decodes`) when nothing decoded in this whole pass.
+        """
+        if not self._decoded_in_pass:
+            raise SourceError(f"source {self.name}: {nothing_decodes}")
+        self._warn(skipped)
+        self._first_pass = self._decoded_in_pass = False
+        if not self._loop:
+            self.close()
+        return self._loop
+
+    def _warn(self, skipped: str) -> None:
+        """Once per place: a looping source meets the same broken frames every pass (the count goes on)."""
+        if skipped and self._first_pass:
+            log.warning("source %s: skipped %s that OpenCV cannot decode", self.name, skipped)
+
+
+class VideoFileSource(FileSource):
     """Every frame of a video file in order; a frame that fails to decode is skipped and counted."""
 
     def __init__(self, path: Path, loop: bool = False, pace_fps: float | None = None, colour: bool = False):
-        super().__init__(str(path))
+        super().__init__(str(path), loop, pace_fps, colour)
         if not path.is_file():
             raise SourceError(f"source {path}: no such video file; pass an existing file, a folder of images, camera:N or a stream URL")
         self._path = path
-        self._loop = loop
-        self._pacer = Pacer(pace_fps)
-        self._colour = colour
         self._capture = self._open()
         self._index = 0
+        self._open_first()
 
     def _open(self) -> cv2.VideoCapture:
         capture = cv2.VideoCapture(str(self._path), cv2.CAP_FFMPEG)
@@ -43,63 +104,68 @@ class VideoFileSource(FrameSource):
         self._packets = int(capture.get(cv2.CAP_PROP_FOURCC)) == MJPG and capture.set(cv2.CAP_PROP_FORMAT, -1)
         return capture
 
-    def _decoded(self, image: np.ndarray) -> np.ndarray | None:
+    def _decode(self, image: np.ndarray) -> np.ndarray | None:
         """What capture.read() gave as the frame to deliver; None for a JPEG packet that does not decode."""
         if self._packets:
             return cv2.imdecode(image, imread_flag(self._colour))
         return in_colour_or_grey(image, self._colour)
 
-    def read(self) -> Frame | None:
-        bad_in_a_row = 0
-        # `capture`, not self._capture: a stop signal's handler may close() the source between two lines
-        # here (it runs on this thread, between bytecodes); a released capture just reads nothing.
-        while (capture := self._capture) is not None:
+    def _next(self) -> tuple[np.ndarray, int, str | None] | None:
+        bad: list[int] = []  # indices of the frames skipped on the way to the next good one
+        # `capture`, not self._capture: close() from another thread may replace it between two lines here;
+        # a released capture just reads nothing.
+        while (capture := self._capture) is not None and not self.stopped:
             position = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
             ok, image = capture.read()
             if self._capture is not capture:
                 return None
-            if ok and image is not None and (image := self._decoded(image)) is not None:
-                self._pacer.wait()
-                frame = self._frame(image, self._index)
+            if ok and image is not None and (image := self._decode(image)) is not None:
+                self._decoded(self._describe(bad))
                 self._index += 1
-                return frame
-            if position < self._frame_count - 1 and bad_in_a_row < MAX_CONSECUTIVE_BAD_FRAMES:
+                return image, self._index - 1, None
+            if position < self._frame_count - 1 and len(bad) < MAX_CONSECUTIVE_BAD_FRAMES:
                 # A frame in the middle that did not decode: skip it, count it, go on.
-                bad_in_a_row += 1
+                bad.append(self._index)
                 self.stats.corrupt += 1
                 self._index += 1
                 if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) <= position:
                     capture.set(cv2.CAP_PROP_POS_FRAMES, position + 1)
                 continue
-            if not self._loop or self._index == 0:
-                self.close()
+            rest = "; the rest of the file is not read" if position < self._frame_count - 1 else ""
+            nothing = f"no frame of it decodes ({self._describe(bad) or 'the file holds none'}{rest}); re-encode it as an MJPG .avi or mp4v .mp4 video"
+            if not self._next_pass(self._describe(bad) + rest, nothing):
                 return None
             capture.release()
             if self._capture is capture:
                 self._capture = self._open()
+            bad = []
         return None
 
+    @staticmethod
+    def _describe(bad: list[int]) -> str:
+        if not bad:
+            return ""
+        return f"frame {bad[0]}" if len(bad) == 1 else f"{len(bad)} frames ({bad[0]}-{bad[-1]})"
+
     def close(self) -> None:
+        super().close()
         if self._capture is not None:
             self._capture.release()
             self._capture = None
 
 
-class ImageFilesSource(FrameSource):
+class ImageFilesSource(FileSource):
     """A list of image files in order (a folder's images, or the files given to `edge-agent infer`).
 
     An image that does not decode is skipped and counted, like a corrupt video frame.
     """
 
     def __init__(self, name: str, files: list[Path], loop: bool = False, pace_fps: float | None = None, colour: bool = False):
-        super().__init__(name)
+        super().__init__(name, loop, pace_fps, colour)
         self._files = files
-        self._loop = loop
-        self._colour = colour
-        self._pacer = Pacer(pace_fps)
         self._position = 0
-        self._closed = False
         self.unreadable: list[Path] = []
+        self._open_first()
 
     @classmethod
     def from_folder(cls, folder: Path, loop: bool = False, pace_fps: float | None = None, colour: bool = False) -> "ImageFilesSource":
@@ -115,24 +181,31 @@ class ImageFilesSource(FrameSource):
                 raise SourceError(f"image {path}: no such file; pass existing image files")
         return cls("images", files, colour=colour)
 
-    def read(self) -> Frame | None:
-        while not self._closed:
+    def _next(self) -> tuple[np.ndarray, int, str | None] | None:
+        bad: list[Path] = []  # the images skipped on the way to the next good one
+        while not self.stopped:
             if self._position == len(self._files):
-                if not self._loop:
+                nothing = f"OpenCV cannot decode any of its {self._describe(self._files)}; pass PNG, JPEG, BMP, TIFF or WebP files"
+                if not self._next_pass(self._describe(bad), nothing):
                     return None
-                self._position = 0
+                self._position, bad = 0, []
             path = self._files[self._position]
             self._position += 1
             image = cv2.imread(str(path), imread_flag(self._colour))
             if image is None:
                 self.stats.corrupt += 1
-                self.unreadable.append(path)
+                if self._first_pass:
+                    self.unreadable.append(path)
+                bad.append(path)
                 continue
-            self._pacer.wait()
-            return self._frame(image, self._position - 1, str(path))
+            self._decoded(self._describe(bad))
+            return image, self._position - 1, str(path)
         return None
 
-    def close(self) -> None:
-        self._closed = True
-
-
+    @staticmethod
+    def _describe(paths: list[Path]) -> str:
+        if not paths:
+            return ""
+        names = ", ".join(str(p) for p in paths[:NAMES_SHOWN])
+        more = f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else ""
+        return f"{len(paths)} image{'s' if len(paths) > 1 else ''} ({names}{more})"

@@ -18,13 +18,12 @@ class RestartableSource(FrameSource):
         self.stats = source.stats
         self._source = source
         self._reopen = reopen
-        self._closed = False
 
     def read(self) -> Frame | None:
         while True:
             source = self._source
             frame = source.read()
-            if frame is not None or self._closed or source is self._source:
+            if frame is not None or self.stopped or source is self._source:
                 return frame
             # The source this read was blocked on was replaced: read from the new one.
 
@@ -34,13 +33,13 @@ class RestartableSource(FrameSource):
         fresh.stats = self.stats
         stuck, self._source = self._source, fresh
         stuck.close()
-        if self._closed:  # the agent stopped while the fresh source was opening
+        if self.stopped:  # the agent stopped while the fresh source was opening
             fresh.close()
 
     def interrupt(self) -> None:
-        self._closed = True
+        self.stopped = True
         self._source.interrupt()
 
     def close(self) -> None:
-        self._closed = True
+        self.stopped = True
         self._source.close()
