@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     )
 
 
+INFO_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z INFO ")  # agent.observe.logs' text format
+
+
 def one_line_error(result: subprocess.CompletedProcess, program: str = "edge-agent") -> str:
-    """The product's promise for bad input: exit 2 and exactly one stderr line, no traceback. Returns it."""
+    """The product's promise for bad input: exit 2 and exactly one stderr line, no traceback. Returns it.
+
+    INFO log lines that came before it (what the agent was doing, e.g. waiting for a camera) are not
+    part of the error; a warning or anything else is."""
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not INFO_LOG_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith(f"{program}: "), result.stderr
     return lines[0]
 
