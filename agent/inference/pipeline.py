@@ -30,7 +30,7 @@ from agent.messages import (
     StatusMessage,
 )
 from agent.settings import SourceSettings
-from agent.sources import Frame, FrameSource, LiveSource, open_source
+from agent.sources import Frame, FrameSource, LiveSource, Pacer, open_source
 from agent.sources.restartable import RestartableSource
 from agent.transport.base import Transport
 
@@ -69,21 +69,6 @@ class PipelineStats:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
 
 
-class FrameRateCap:
-    """Holds the loop to at most `fps` frames a second, on a fixed grid (a slow frame is caught up)."""
-
-    def __init__(self):
-        self._next = time.monotonic()
-
-    def wait(self, fps: float | None) -> None:
-        if not fps:
-            return
-        delay = self._next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self._next = max(self._next + 1.0 / fps, time.monotonic())
-
-
 def restartable(source: FrameSource, reopen: Callable[[], FrameSource]) -> FrameSource:
     """A live source wrapped so the watchdog can reopen it in place; anything else as it is."""
     return RestartableSource(source, reopen) if isinstance(source, LiveSource) else source
@@ -112,10 +97,10 @@ class Pipeline:
         self._update_listeners: list[Callable] = []
         self._between_frames: list[Callable[[], None]] = []
         self._changes: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._rate = FrameRateCap()
         self._announced: tuple[str, str | None] = ("online", None)
         self._dropped_reported = 0
         self._stop = threading.Event()
+        self._rate = Pacer(tuning.max_fps, sleep=self._stop.wait)  # a stop ends a frame-rate wait at once
 
     # -- read-only views ------------------------------------------------------------------------------
 
@@ -131,7 +116,11 @@ class Pipeline:
 
     def tune(self, **changes) -> None:
         """Change threshold, publish_empty, metrics interval or frame-rate cap from the next frame on."""
-        self._changes.put(lambda: setattr(self, "_tuning", dataclasses.replace(self._tuning, **changes)))
+        def apply() -> None:
+            self._tuning = dataclasses.replace(self._tuning, **changes)
+            self._rate.set_fps(self._tuning.max_fps)
+
+        self._changes.put(apply)
 
     def replace_source(self, settings: SourceSettings) -> None:
         """Open the source `settings` name between two frames and close the old one; the watchdog reopens
@@ -255,7 +244,7 @@ class Pipeline:
         next_metrics = time.monotonic() + self._tuning.metrics_interval_s
         while not self._stop.is_set() and (max_frames is None or self.stats.frames < max_frames):
             self._apply_changes()
-            self._rate.wait(self._tuning.max_fps)
+            self._rate.wait()
             frame = self._source.read()
             if frame is None:
                 break

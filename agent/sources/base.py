@@ -88,10 +88,14 @@ class Pacer:
     """
 
     def __init__(self, fps: float | None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
-        self._period = 1.0 / fps if fps else 0.0
         self._clock = clock
         self._sleep = sleep
         self._next = clock()
+        self.set_fps(fps)
+
+    def set_fps(self, fps: float | None) -> None:
+        """A new rate from the next tick on (None: no limit)."""
+        self._period = 1.0 / fps if fps else 0.0
 
     def wait(self) -> None:
         if not self._period:
