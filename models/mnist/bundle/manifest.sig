@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
-  "key_id": "7b93ea4393321064",
-  "signature": "PtmuTfOL2oaK58cMpwLYdygWRdgAV9VPMc877FfvqCVpShHf4ULVYC74I2fBeneDs6bI6SxOd6eOsC0yhnHuBw=="
+  "key_id": "b4524250a20daa73",
+  "signature": "9Dd5gWkn2u8hqDrnDsV7DOAvmKXDXazocB7GxElMnM6fhF+SKhp8TpQYQlvqxfG7aYdLKmi4LX0M0vXHXu+mAA=="
 }
