@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "key_id": "b4524250a20daa73",
-  "signature": "9Dd5gWkn2u8hqDrnDsV7DOAvmKXDXazocB7GxElMnM6fhF+SKhp8TpQYQlvqxfG7aYdLKmi4LX0M0vXHXu+mAA=="
+  "signature": "8E/GOtgtLabDrZpaI+UrpuX5FsJtj3JS3QpoBmF6XLpNK0jpI0Jpe5VRrFm3ZmzwaA+yNuc6/DuxW9xEnCMHAw=="
 }
