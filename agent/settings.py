@@ -35,7 +35,7 @@ SHIPPED_SAMPLE_VIDEO = SHIPPED / "sample.avi"
 # is lost, so it signs nothing new; bundles it signed still load).
 DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing-2026-12.pub"
 PREVIOUS_DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"
-DEV_SIGNING_KEYS = (DEV_SIGNING_KEY, PREVIOUS_DEV_SIGNING_KEY)
+DEV_SIGNING_KEYS = (PREVIOUS_DEV_SIGNING_KEY, DEV_SIGNING_KEY)
 AMAZON_ROOT_CA = PACKAGE / "certs" / "AmazonRootCA1.pem"
 # State the agent writes; relative values of these settings are inside state_dir.
 STATE_PATHS = (("outbox", "path"), ("updates", "store"))
