@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to for real: the MQTT broker, openssl for test certificates, a browser.
 APT_PACKAGES := mosquitto openssl chromium
 
-.PHONY: demo test test-tflite system-deps bench train component docs fleet-sim schema clean
+.PHONY: demo test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $@
 
+# The backend tests run every backend this machine can (openvino, onnxruntime) and the bench's plot.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,openvino,onnx,plot]'
 	touch $@
 
 # tflite-runtime is the fallback backend; it needs numpy<2, so it lives in its own environment and pins.
@@ -42,10 +43,22 @@ test: $(VENV)/.installed-test $(TFLITE_VENV)/.installed system-deps
 	$(MAKE) --no-print-directory test-tflite
 
 test-tflite: $(TFLITE_VENV)/.installed
-	$(TFLITE_VENV)/bin/python -m pytest -m tflite_runtime -p no:cacheprovider tests/test_runtime.py
+	$(TFLITE_VENV)/bin/python -m pytest -m tflite_runtime -p no:cacheprovider tests/test_runtime.py tests/test_backends.py
 
 bench: $(VENV)/.installed
 	$(BIN)/edge-agent bench
+
+# Every installed backend side by side on the shipped bundle (tflite-runtime from its own environment).
+bench-backends: $(VENV)/.installed-test $(TFLITE_VENV)/.installed
+	mkdir -p var
+	$(BIN)/edge-agent bench --backends all --python tflite-runtime=$(TFLITE_VENV)/bin/python --json var/bench-backends.json --plot var/bench-backends.png
+
+# Re-make the shipped bundle with model.onnx beside the same model.tflite, as a new VERSION signed with KEY.
+KEY ?= $(HOME)/.config/edge-agent/dev-signing-2026-12.key
+bundle-onnx: $(VENV)/.installed
+	@test -n "$(VERSION)" || { echo "usage: make bundle-onnx VERSION=1.1.0 KEY=path/to/dev-signing-2026-12.key"; exit 2; }
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[train]'
+	$(BIN)/python -m models.mnist.convert_onnx --bundle models/mnist/bundle --version $(VERSION) --key $(KEY)
 
 # Retrain the model (TensorFlow is the optional train extra; about 4 minutes on 2 cores) into a scratch
 # bundle signed with your own key (made on first use); the tracked, shipped bundle is never touched.

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from agent import __version__
 from agent.command_line import Parser
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 # Everyday flags of `run`, `infer` and `bench`: flag -> (settings key path, argparse options, help).
 # Values go to the settings tree unconverted, so pydantic validates flags, files and env vars alike.
@@ -31,7 +31,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "--cert": (("mqtt", "cert"), {}, "device certificate (PEM)"),
     "--key": (("mqtt", "key"), {}, "device private key (PEM)"),
     "--ca": (("mqtt", "ca"), {}, "CA certificate for the endpoint (default: Amazon Root CA 1)"),
-    "--backend": (("model", "backend"), {"choices": ["auto", "litert", "tflite-runtime"]}, "TFLite runtime"),
+    "--backend": (("model", "backend"), {}, "what runs the model: auto or a backend's name (edge-agent bench --backends all lists them)"),
     "--threshold": (("model", "score_threshold"), {}, "publish predictions scoring at least this"),
     "--pace-fps": (("source", "pace_fps"), {}, "at most this many frames a second (a file is read like a camera; a live source drops the rest)"),
     "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
@@ -53,8 +53,12 @@ def _dest(flag: str) -> str:
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of a command that runs from the settings tree; main() loads it into `args.settings`."""
     parser.set_defaults(uses_settings=True)
+    from agent.inference.backends import backend_names
+
     parser.add_argument("--config", type=Path, help="settings file (.yaml, .json or .toml)")
     for flag, (_, options, help_text) in SETTING_FLAGS.items():
+        if flag == "--backend":  # the registry's names: built-ins and installed plugins
+            options = {"choices": ["auto", *backend_names()]}
         parser.add_argument(flag, dest=_dest(flag), help=help_text, **options)
     for flag, (_, value, help_text) in SWITCH_FLAGS.items():
         parser.add_argument(flag, dest=_dest(flag), action="store_const", const=value, help=help_text)
@@ -97,10 +101,45 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import run_bench
+    if args.pick and args.config is None:  # said before minutes of measuring, not after
+        raise ConfigError("--pick writes model.backend into the settings file: pass --config FILE (.yaml or .json)")
+    settings = args.settings
+    if args.backends is None:
+        from agent.bench import run_bench
 
-    print(json.dumps(run_bench(args.settings, seconds=args.seconds), indent=2))
+        print(json.dumps(run_bench(settings, seconds=args.seconds), indent=2))
+        return 0
+    from agent import bench_backends
+    from agent.inference.backends import backend_names
+
+    names = [*backend_names()] if args.backends == "all" else [name.strip() for name in args.backends.split(",") if name.strip()]
+    report = bench_backends.compare_backends(settings, names, args.threads, dict(args.python or []))
+    print(bench_backends.format_table(report), end="")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        bench_backends.plot(report, args.plot)
+    if args.pick:
+        chosen = bench_backends.pick_into(report, args.config)
+        print(f"model.backend = {json.dumps(chosen)} written to {args.config}", file=sys.stderr)
     return 0
+
+
+def _thread_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of thread counts, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: thread counts start at 1")
+    return counts
+
+
+def _python_for(text: str) -> tuple[str, str]:
+    name, _, python = text.partition("=")
+    if not name or not python:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BACKEND=PYTHON, e.g. tflite-runtime=.venv-tflite/bin/python")
+    return name, python
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -162,8 +201,14 @@ def build_parser() -> Parser:
     add_setting_flags(infer)
     infer.set_defaults(handler=cmd_infer)
 
-    bench = commands.add_parser("bench", help="measure invoke latency, per-frame cost, CPU, memory, start-up; prints JSON")
+    bench = commands.add_parser("bench", help="measure invoke latency, per-frame cost, CPU, memory, start-up (JSON); with --backends, compare backends (table)")
     bench.add_argument("--seconds", type=float, default=10.0, help="how long the 30 fps run lasts")
+    bench.add_argument("--backends", help="compare backends instead: all (every installed one) or NAME,NAME; prints a Markdown table")
+    bench.add_argument("--threads", type=_thread_counts, default=[1, 2], help="with --backends: thread counts to try where a backend has threads (default 1,2)")
+    bench.add_argument("--python", type=_python_for, action="append", metavar="BACKEND=PYTHON", help="with --backends: measure BACKEND with another environment's Python (repeatable)")
+    bench.add_argument("--json", type=Path, help="with --backends: also write the figures as JSON to this file")
+    bench.add_argument("--plot", type=Path, help="with --backends: also draw them as a bar chart PNG (needs the plot extra)")
+    bench.add_argument("--pick", action="store_true", help="with --backends: write the fastest backend that agrees with the reference into the --config settings file")
     add_setting_flags(bench)
     bench.set_defaults(handler=cmd_bench)
 

@@ -14,12 +14,13 @@ import os
 import re
 import string
 import typing
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Annotated, Any, Iterator, Literal, Mapping, Union
 
 import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource
 
 from agent.errors import ConfigError
@@ -30,8 +31,11 @@ PACKAGE = Path(__file__).resolve().parent
 SHIPPED = PACKAGE / "shipped"
 SHIPPED_BUNDLE = SHIPPED / "mnist-bundle"
 SHIPPED_SAMPLE_VIDEO = SHIPPED / "sample.avi"
-DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"  # signed bundle 1.0.0; its private half is lost
-DEV_SIGNING_KEYS = (DEV_SIGNING_KEY, SHIPPED / "keys" / "dev-signing-2026-12.pub")
+# The development key that signs the shipped bundle (1.1.0), and the one that signed 1.0.0 (its private half
+# is lost, so it signs nothing new; bundles it signed still load).
+DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing-2026-12.pub"
+PREVIOUS_DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"
+DEV_SIGNING_KEYS = (PREVIOUS_DEV_SIGNING_KEY, DEV_SIGNING_KEY)
 AMAZON_ROOT_CA = PACKAGE / "certs" / "AmazonRootCA1.pem"
 # State the agent writes; relative values of these settings are inside state_dir.
 STATE_PATHS = (("outbox", "path"), ("updates", "store"))
@@ -56,18 +60,118 @@ class SourceSettings(Section):
     read_timeout_s: float = Field(5.0, gt=0, description="a live source with no new frame for this long counts as stalled")
 
 
+THREADS = "threads one invoke may use; one is fastest for a model this small"
+
+
+class DelegateSettings(Section):
+    """An external TFLite delegate: a shared library with the delegate plugin API (tflite_plugin_create_delegate)."""
+
+    library: str = Field(min_length=1, description="the delegate's shared library: a path, or a name the loader finds (libedgetpu.so.1)")
+    options: dict[str, str] = Field(default_factory=dict, description="options handed to the delegate, e.g. {device: usb} for the Edge TPU")
+
+
+class InterpreterSettings(Section):
+    """The TFLite interpreter's knobs, the same in ai-edge-litert and tflite-runtime."""
+
+    threads: int = Field(1, ge=1, le=64, description=THREADS)
+    kernels: Literal["xnnpack", "builtin"] = Field("xnnpack", description="CPU kernels: XNNPACK, or TFLite's builtin ones (no default delegate)")
+    delegate: DelegateSettings | None = Field(None, description="external delegate {library: PATH, options: {KEY: VALUE}} (Edge TPU, GPU, Hexagon...); ops it does not take stay on the CPU")
+
+
+class LiteRtSettings(InterpreterSettings):
+    type: Literal["litert"] = "litert"
+
+
+class TfliteRuntimeSettings(InterpreterSettings):
+    type: Literal["tflite-runtime"] = "tflite-runtime"
+
+
+class LiteRtCompiledSettings(Section):
+    type: Literal["litert-compiled"] = "litert-compiled"
+    threads: int = Field(1, ge=1, le=64, description=THREADS)
+    accelerator: Literal["cpu", "npu"] = Field("cpu", description="cpu: LiteRT's own CPU kernels; npu: compiled for the vendor dispatch library ai-edge-litert bundles (Intel OpenVINO)")
+    openvino_device: Literal["NPU", "GPU", "CPU"] = Field("NPU", description="with accelerator npu, the Intel device OpenVINO compiles for (CPU runs the NPU path on any x86 machine)")
+
+
+class OpenVinoSettings(Section):
+    type: Literal["openvino"] = "openvino"
+    threads: int = Field(1, ge=1, le=64, description=THREADS)
+    device: str = Field("CPU", min_length=1, description="OpenVINO device: CPU, GPU, NPU, or AUTO")
+
+
+class OnnxRuntimeSettings(Section):
+    type: Literal["onnxruntime"] = "onnxruntime"
+    threads: int = Field(1, ge=1, le=64, description=THREADS)
+    providers: list[str] = Field(["CPUExecutionProvider"], min_length=1, description="ONNX Runtime execution providers, in order of preference")
+
+
+class AutoBackendSettings(Section):
+    type: Literal["auto"] = "auto"
+    threads: int = Field(1, ge=1, le=64, description=THREADS)
+
+
+class PluginBackendSettings(Section):
+    """A backend another package adds (entry point group edge_agent.backends); it validates its own settings."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    type: str
+
+
+BACKEND_SETTINGS: dict[str, type[Section]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (AutoBackendSettings, LiteRtSettings, LiteRtCompiledSettings, TfliteRuntimeSettings, OpenVinoSettings, OnnxRuntimeSettings)
+}
+BACKEND_ENTRY_POINTS = "edge_agent.backends"
+
+
+def _backend_tag(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in BACKEND_SETTINGS else "plugin"
+
+
+BackendSettings = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in BACKEND_SETTINGS.items()) + (Annotated[PluginBackendSettings, Tag("plugin")],)],
+    Discriminator(_backend_tag),
+]
+
+
 class ModelSettings(Section):
     bundle: Path = Field(SHIPPED_BUNDLE, description="model bundle directory or .zip (default: the one shipped in the package)")
     trusted_keys: list[Path] = Field(default_factory=lambda: list(DEV_SIGNING_KEYS), description="Ed25519 public keys (PEM) allowed to sign bundles (default: the development keys shipped in the package)")
     require_signature: bool = Field(True, description="refuse bundles without a valid signature from a trusted key")
-    backend: Literal["auto", "litert", "tflite-runtime"] = Field("auto", description="TFLite runtime; auto prefers ai-edge-litert, then tflite-runtime")
-    num_threads: int = Field(1, ge=1, le=64, description="interpreter threads; one is fastest for a model this small")
+    backend: BackendSettings = Field(
+        AutoBackendSettings(),
+        description="what runs the model: auto (the first installed of litert, tflite-runtime, litert-compiled, openvino, onnxruntime), "
+        "one of those, or a plugin's name; a name alone, or {type: NAME, ...its settings below}",
+    )
     max_bundle_mb: float = Field(16.0, gt=0, description="largest bundle accepted, unpacked")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="predictions scoring below this are not published")
 
     @property
     def max_bundle_bytes(self) -> int:
         return int(self.max_bundle_mb * 1024 * 1024)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_by_name(cls, value: Any) -> Any:
+        """"litert" means {type: litert}; a type no built-in backend or installed plugin has is named here."""
+        if isinstance(value, str):
+            value = {"type": value}
+        if isinstance(value, dict):
+            kind = value.get("type", "auto")
+            plugins = {entry.name for entry in entry_points(group=BACKEND_ENTRY_POINTS)} if kind not in BACKEND_SETTINGS else set()
+            if kind not in BACKEND_SETTINGS and kind not in plugins:
+                known = ", ".join([*BACKEND_SETTINGS, *sorted(plugins)])
+                raise ValueError(f"unknown backend {kind!r}; choose one of {known}")
+            value = {**value, "type": kind}
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threads_moved(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "num_threads" in values:
+            raise ValueError("model.num_threads moved into the backend: set model.backend.threads (e.g. model.backend: {type: litert, threads: 2})")
+        return values
 
 
 TOPIC_PLACEHOLDERS = ("prefix", "thing")
@@ -363,12 +467,31 @@ def _where(error: Exception, text: str) -> str:
     return first
 
 
+def write_settings_file(path: Path, data: dict[str, Any]) -> None:
+    """A settings dict back into a .yaml/.yml or .json file (comments in it are not kept)."""
+    dumpers = {".yaml": lambda d: yaml.safe_dump(d, sort_keys=False), ".yml": lambda d: yaml.safe_dump(d, sort_keys=False), ".json": lambda d: json.dumps(d, indent=2) + "\n"}
+    dumper = dumpers.get(path.suffix)
+    if dumper is None:
+        raise ConfigError(f"--config {path}: can write only .yaml or .json settings files")
+    try:
+        path.write_text(dumper(data), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot write it ({exc.strerror})") from None
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Nested dicts merged key by key; `override` wins. Layers file < environment < flags, and live updates."""
+    """Nested dicts merged key by key; `override` wins. Layers file < environment < flags, and live updates.
+
+    A section chosen by its `type` (model.backend) is a new section when the type changes, not a merge of
+    two backends' settings; a bare name there ("litert") stands for {type: litert}.
+    """
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, str):
+            below = {"type": below}
+        if isinstance(value, dict) and isinstance(below, dict) and value.get("type", below.get("type")) == below.get("type"):
+            merged[key] = deep_merge(below, value)
         else:
             merged[key] = value
     return merged
@@ -443,7 +566,9 @@ def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None 
 def settings_reference(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str]]:
     """Every leaf setting as (dotted key, default as JSON, description), in declaration order.
 
-    README's settings table is this, rendered by `edge-agent settings`; a test keeps the two equal.
+    A section chosen by type (model.backend) is its own row, then one row per setting of its kinds,
+    saying which kinds have it. README's settings table is this, rendered by `edge-agent settings`; a test
+    keeps the two equal.
     """
     rows = []
     for name, field in model.model_fields.items():
@@ -453,12 +578,39 @@ def settings_reference(model: type[BaseModel] = Settings, prefix: str = "") -> l
             rows += settings_reference(annotation, key + ".")
             continue
         default = field.get_default(call_default_factory=True)
+        kinds = _kinds(annotation)
+        if kinds:
+            rows.append((key, json.dumps(default.type), field.description or ""))
+            rows += _kind_rows(kinds, key + ".")
+            continue
         if isinstance(default, str) and default.startswith(str(PACKAGE)):
             default = _display_path(Path(default))
         elif isinstance(default, Path) or (isinstance(default, list) and default and isinstance(default[0], Path)):
             default = [_display_path(p) for p in default] if isinstance(default, list) else _display_path(default)
         rows.append((key, json.dumps(default, default=str), field.description or ""))
     return rows
+
+
+def _kinds(annotation: Any) -> list[type[BaseModel]]:
+    """The settings classes of a section chosen by type (a discriminated union), else []."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is not Union:
+        return []
+    members = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in typing.get_args(annotation)]
+    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and "type" in m.model_fields]
+
+
+def _kind_rows(kinds: list[type[BaseModel]], prefix: str) -> list[tuple[str, str, str]]:
+    """One row per setting the kinds have (the same setting of several kinds is one row naming them all)."""
+    owners: dict[tuple[str, str, str], list[str]] = {}
+    for kind in kinds:
+        if kind.model_config.get("extra") == "allow":  # a plugin's settings are its own
+            continue
+        for row in settings_reference(kind, prefix):
+            if row[0] != prefix + "type":
+                owners.setdefault(row, []).append(kind.model_fields["type"].default)
+    return [(key, default, f"({', '.join(names)}) {description}") for (key, default, description), names in owners.items()]
 
 
 def _display_path(path: Path) -> str:

@@ -19,16 +19,16 @@ from bundle_helpers import (  # noqa: F401 (fixtures)
     test_key,
     write_signed_raw,
 )
-from conftest import REPO, SHIPPED_BUNDLE, run_cli
+from conftest import SHIPPED_BUNDLE, run_cli
 
 from agent.bundles.bundle import open_bundle
 from agent.bundles.signing import key_id, load_private_key, load_public_key, sign
 from agent.errors import ModelError, Reason
 from agent.fleet.cli import main as fleet_main
 from agent.inference.model import load_model
-from agent.settings import ModelSettings, TaskSettings
+from agent.settings import DEV_SIGNING_KEY, ModelSettings, TaskSettings
 
-DEV_KEY = REPO / "models" / "keys" / "dev-signing.pub"
+DEV_KEY = DEV_SIGNING_KEY  # the key that signs the shipped bundle
 
 
 def refused(match: str, call, *args, reason: Reason | None = None, **kwargs) -> str:

@@ -145,9 +145,10 @@ def test_model_whose_input_is_not_an_image(tmp_path):
     from agent.bundles.bundle import read_manifest
     from agent.fleet.packing import write_manifest
     from agent.inference.backends.litert import LiteRtBackend
+    from agent.settings import LiteRtSettings
 
     bundle = unsigned_copy(tmp_path, (REPO / "tests" / "data" / "not-an-image.tflite").read_bytes())
-    backend = LiteRtBackend(bundle / "model.tflite", None)
+    backend = LiteRtBackend(bundle / "model.tflite", LiteRtSettings())
     raw, _ = read_manifest(bundle, str(bundle))
     for name, spec in (("input", backend.inputs[0]), ("output", backend.outputs[0])):
         raw[name].update(shape=list(spec.shape), dtype=spec.dtype, scale=spec.scale, zero_point=spec.zero_point)

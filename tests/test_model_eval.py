@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 from bundle_helpers import copy_bundle, repack, test_key  # noqa: F401 (fixture)
-from conftest import MNIST, REPO, SHIPPED_BUNDLE, run_cli
+from conftest import MNIST, SHIPPED_BUNDLE, run_cli
 
 from agent.bundles.bundle import open_bundle
 from agent.errors import ModelError, Reason
 from agent.inference.evaluate import MNIST_SHA256, evaluate, load_mnist
 from agent.inference.model import load_model
-from agent.settings import ModelSettings, TaskSettings
+from agent.settings import DEV_SIGNING_KEY, ModelSettings, TaskSettings
 
-DEV_KEY = REPO / "models" / "keys" / "dev-signing.pub"
+DEV_KEY = DEV_SIGNING_KEY  # the key that signs the shipped bundle
 
 
 @pytest.fixture(scope="module")

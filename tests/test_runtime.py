@@ -17,7 +17,7 @@ from agent.inference.backends.litert import LiteRtBackend
 from agent.inference.evaluate import load_mnist
 from agent.inference.model import load_model
 from agent.inference.tasks.digit_finder import normalise_digit
-from agent.settings import ModelSettings, TaskSettings
+from agent.settings import LiteRtSettings, ModelSettings, TaskSettings
 
 
 def available_backends() -> list[str]:
@@ -94,4 +94,4 @@ def test_backends_agree_when_both_present():
 def test_empty_model_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="not a loadable TFLite model"):
         (tmp_path / "empty.tflite").write_bytes(b"")
-        LiteRtBackend(tmp_path / "empty.tflite", None)
+        LiteRtBackend(tmp_path / "empty.tflite", LiteRtSettings())

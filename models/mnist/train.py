@@ -1,7 +1,7 @@
 """Train, quantize and package the shipped MNIST model: `python -m models.mnist.train --out DIR`.
 
 Reproducible on a given machine: seeded numpy augmentation, Keras seeds, TensorFlow op determinism and
-fixed thread counts. The result is a complete bundle directory (model.tflite, labels.txt, golden.npz,
+fixed thread counts. The result is a complete bundle directory (model.tflite, model.onnx, labels.txt, golden.npz,
 manifest.json with measured metrics and provenance, manifest.sig when a signing key is given), built
 and measured with the same agent code a device uses to check and run it.
 """
@@ -16,6 +16,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,11 +33,12 @@ from agent.fleet.packing import sign_bundle, write_manifest
 from agent.inference.backends.litert import LiteRtBackend
 from agent.inference.evaluate import MNIST_PATH, accuracy, invoke_latency_us, load_mnist
 from agent.inference.tasks.mnist_digits import classify_digits, quantize_digits
+from agent.settings import LiteRtSettings
 from models.mnist.augment import augment_epoch
 
 PROGRAM_DIR = Path(__file__).resolve().parent
 LABELS = [str(d) for d in range(10)]
-LIBRARIES = ("tensorflow-cpu", "keras", "numpy", "opencv-python-headless", "ai-edge-litert")
+LIBRARIES = ("tensorflow-cpu", "keras", "numpy", "opencv-python-headless", "ai-edge-litert", "tf2onnx", "onnx")
 
 
 def program_sha256() -> str:
@@ -122,14 +124,17 @@ def build_bundle(args: argparse.Namespace) -> None:
     representative = mnist["x_train"][rng.choice(len(mnist["x_train"]), args.calibration_images, replace=False)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, LABELS_FILE, GOLDEN_FILE, MANIFEST, SIGNATURE):
+    from models.mnist.convert_onnx import ONNX_FILE, write_onnx  # it imports this module's provenance helpers
+
+    for name in (MODEL_FILE, ONNX_FILE, LABELS_FILE, GOLDEN_FILE, MANIFEST, SIGNATURE):
         (out / name).unlink(missing_ok=True)
     (out / MODEL_FILE).write_bytes(to_int8_tflite(model, representative))
+    write_onnx(out)  # the same int8 model for the onnxruntime backend
     (out / LABELS_FILE).write_text("\n".join(LABELS) + "\n", encoding="utf-8")
     golden = golden_indices(y_test, args.golden_per_class, args.seed)
     np.savez_compressed(out / GOLDEN_FILE, x=x_test[golden], y=y_test[golden])
 
-    backend = LiteRtBackend(out / MODEL_FILE, None)
+    backend = LiteRtBackend(out / MODEL_FILE, LiteRtSettings())
     spec_in, spec_out = backend.inputs[0], backend.outputs[0]
     classify = lambda images: classify_digits(backend.run, spec_in, spec_out, images)  # noqa: E731
     int8_accuracy = accuracy(classify, x_test, y_test)
@@ -182,13 +187,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_program(step: Callable[[], object]) -> int:
+    """Exit status of one of this folder's programs: a problem with the inputs is one line and code 2."""
     try:
-        build_bundle(parse_args(argv))
+        step()
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(lambda: build_bundle(parse_args(argv)))
 
 
 if __name__ == "__main__":

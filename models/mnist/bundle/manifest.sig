@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
-  "key_id": "7b93ea4393321064",
-  "signature": "PtmuTfOL2oaK58cMpwLYdygWRdgAV9VPMc877FfvqCVpShHf4ULVYC74I2fBeneDs6bI6SxOd6eOsC0yhnHuBw=="
+  "key_id": "b4524250a20daa73",
+  "signature": "8E/GOtgtLabDrZpaI+UrpuX5FsJtj3JS3QpoBmF6XLpNK0jpI0Jpe5VRrFm3ZmzwaA+yNuc6/DuxW9xEnCMHAw=="
 }
