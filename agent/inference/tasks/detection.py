@@ -53,16 +53,18 @@ class Fit:
 
 
 class ImageFitter:
-    """A frame -> the model's input tensor: colour order, size (letterbox or stretch), mean/std, quantization."""
+    """A frame -> the model's input tensor: colour order, size (letterbox or stretch), mean/std, quantization.
 
-    def __init__(self, manifest: DetectionManifest, spec: TensorSpec):
+    Resizing is bilinear, as MediaPipe's ImageToTensorCalculator samples: detectors are trained and scored on
+    such inputs (an area-averaging resize moved BlazeFace's score for the cat photograph from 0.45 to 0.50).
+    """
+
+    def __init__(self, spec: TensorSpec, colour: str, fit: str, mean: list[float], std: list[float]):
         self.spec = spec
-        _, self.height, self.width, channels = spec.shape
-        self.colour = manifest.input.colour
-        self.letterbox = manifest.input.fit == "letterbox"
-        self.channels = channels
-        mean, std = np.asarray(manifest.input.mean, np.float32), np.asarray(manifest.input.std, np.float32)
-        self.gain, self.bias = 1.0 / std, -mean / std
+        _, self.height, self.width, self.channels = spec.shape
+        self.colour = colour
+        self.letterbox = fit == "letterbox"
+        self.gain, self.bias = 1.0 / np.asarray(std, np.float32), -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, Fit]:
         height, width = image.shape[:2]
@@ -74,10 +76,10 @@ class ImageFitter:
             inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
             left, top = (self.width - inner_w) // 2, (self.height - inner_h) // 2
             canvas = np.zeros((self.height, self.width) + image.shape[2:], np.uint8)
-            canvas[top : top + inner_h, left : left + inner_w] = cv2.resize(image, (inner_w, inner_h), interpolation=cv2.INTER_AREA)
+            canvas[top : top + inner_h, left : left + inner_w] = cv2.resize(image, (inner_w, inner_h), interpolation=cv2.INTER_LINEAR)
             fit = Fit(inner_w / width, inner_h / height, left, top, width, height)
         else:
-            canvas = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
+            canvas = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
             fit = Fit(self.width / width, self.height / height, 0.0, 0.0, width, height)
         values = canvas.reshape(1, self.height, self.width, self.channels).astype(np.float32) * self.gain + self.bias
         return self.spec.quantize(values), fit
@@ -118,7 +120,7 @@ class DetectionTask(Task):
         self._labels = manifest.labels
         self._keypoints = manifest.keypoints
         self._settings = settings
-        self._fitter = ImageFitter(manifest, inputs[0])
+        self._fitter = ImageFitter(inputs[0], manifest.input.colour, manifest.input.fit, manifest.input.mean, manifest.input.std)
         self.reads_colour = manifest.input.colour != "gray"
 
     def _make_decoder(self, manifest: DetectionManifest, outputs: list[TensorSpec], where: str):

@@ -70,7 +70,7 @@ class SsdDecoder:
         if d.score_clipping_thresh is not None:
             scores = np.clip(scores, -d.score_clipping_thresh, d.score_clipping_thresh)
         if d.sigmoid_score:
-            scores = 1.0 / (1.0 + np.exp(-scores))
+            scores = 0.5 * (1.0 + np.tanh(0.5 * scores))  # the sigmoid, without overflow for large logits
         classes = np.argmax(scores, axis=1)
         best = scores[np.arange(len(scores)), classes]
         kept = np.flatnonzero(best >= score_threshold)
