@@ -49,6 +49,8 @@ def suppress(found: Candidates, iou_threshold: float, weighted: bool) -> Candida
     than `iou_threshold` is the same object. Weighted (MediaPipe's WEIGHTED algorithm), the object's box and
     keypoints are the score-weighted mean of all its candidates and its score the best one's; otherwise the
     best candidate is kept as it is. Best first."""
+    if len(found) < 2:
+        return found
     boxes, scores, keypoints, classes = [], [], [], []
     for label in np.unique(found.classes):
         group = found.take(found.classes == label)

@@ -57,6 +57,15 @@ def ssd_anchors(options: SsdAnchors) -> np.ndarray:
     return np.array(anchors, np.float32)
 
 
+def _logit(probability: float) -> float:
+    """The logit whose sigmoid is `probability` (-inf and inf at 0 and 1)."""
+    if probability <= 0.0:
+        return -math.inf
+    if probability >= 1.0:
+        return math.inf
+    return math.log(probability / (1.0 - probability))
+
+
 class SsdDecoder:
     """Raw regressors (1, N, num_coords) and scores (1, N, classes) -> candidates in normalized input coordinates."""
 
@@ -66,14 +75,17 @@ class SsdDecoder:
 
     def decode(self, raw_boxes: np.ndarray, raw_scores: np.ndarray, score_threshold: float) -> Candidates:
         d = self.decoding
-        scores = raw_scores.reshape(len(self.anchors), -1)
+        logits = raw_scores.reshape(len(self.anchors), -1)
         if d.score_clipping_thresh is not None:
-            scores = np.clip(scores, -d.score_clipping_thresh, d.score_clipping_thresh)
-        if d.sigmoid_score:
-            scores = 0.5 * (1.0 + np.tanh(0.5 * scores))  # the sigmoid, without overflow for large logits
-        classes = np.argmax(scores, axis=1)
-        best = scores[np.arange(len(scores)), classes]
-        kept = np.flatnonzero(best >= score_threshold)
+            logits = np.clip(logits, -d.score_clipping_thresh, d.score_clipping_thresh)
+        classes = np.argmax(logits, axis=1)
+        best = logits[np.arange(len(logits)), classes]
+        if d.sigmoid_score:  # compared as logits, so only the few kept are put through the sigmoid
+            kept = np.flatnonzero(best >= _logit(score_threshold))
+            best = 0.5 * (1.0 + np.tanh(0.5 * best[kept]))  # the sigmoid, without overflow for large logits
+        else:
+            kept = np.flatnonzero(best >= score_threshold)
+            best = best[kept]
         raw = raw_boxes.reshape(len(self.anchors), d.num_coords)[kept]
         anchors = self.anchors[kept]
         box = raw[:, d.box_coord_offset : d.box_coord_offset + 4]
@@ -91,4 +103,4 @@ class SsdDecoder:
             px, py = (raw[:, offset], raw[:, offset + 1]) if d.reverse_output_order else (raw[:, offset + 1], raw[:, offset])
             points[:, k, 0] = px / d.x_scale * anchors[:, 2] + anchors[:, 0]
             points[:, k, 1] = py / d.y_scale * anchors[:, 3] + anchors[:, 1]
-        return Candidates(boxes.astype(np.float32), best[kept].astype(np.float32), classes[kept], points)
+        return Candidates(boxes.astype(np.float32), best.astype(np.float32), classes[kept], points)
