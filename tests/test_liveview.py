@@ -117,17 +117,27 @@ def screenshot_stream(url: str, path: Path) -> tuple[list[float], bytes, str]:
     return size, png, model_text
 
 
+def screenshot_with_predictions(url: str, folder: Path, frames, results) -> tuple[list[float], np.ndarray, str, int]:
+    """Screenshots of the stream until one shows a frame with predictions (clips have scenes with none):
+    its sizes, the picture, the model the page names, and which frame it is."""
+    for attempt in range(10):
+        size, png, model_text = screenshot_stream(url, folder / f"stream-{attempt}.png")
+        shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        index = best_match(shown, frames)
+        if results[index].predictions:
+            return size, shown, model_text, index
+    raise AssertionError("the stream never showed a frame with predictions")
+
+
 def test_browser_sees_the_annotated_stream(sample, tmp_path):
     frames, results = sample
     with running_agent("--source", SAMPLE_VIDEO, "--loop", "--pace-fps", "15") as url:
         wait_for(lambda: get(url + "healthz")[0] == 200, "the agent to become healthy")
-        size, png, model_text = screenshot_stream(url, tmp_path / "stream.png")
+        size, shown, model_text, index = screenshot_with_predictions(url, tmp_path, frames, results)
     height, width = frames[0].image.shape[:2]
     assert size[:4] == [width, height, width, height]
     assert model_text == f"{results[0].model.name} {results[0].model.version}"
-    shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert shown.shape == (height, width, 3)
-    index = best_match(shown, frames)
     assert_annotated(shown, as_bgr(frames[index].image), results[index])
 
 
@@ -147,14 +157,7 @@ def test_browser_sees_face_boxes_and_keypoints(tmp_path):
     results = [pipeline.process(frame) for frame in frames]
     assert frames[0].image.ndim == 3, "a colour model gets colour frames"
     with running_agent("--model", FACE_BUNDLE, "--source", FACE_CLIP, "--threshold", FACE_THRESHOLD, "--loop", "--pace-fps", "6") as url:
-        for attempt in range(10):  # the clip shows faces in 4 of its 7 scenes: look until the picture has some
-            size, png, model_text = screenshot_stream(url, tmp_path / f"faces-{attempt}.png")
-            shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-            index = best_match(shown, frames)
-            if results[index].predictions:
-                break
-        else:
-            raise AssertionError("the stream never showed a frame with a face")
+        _, shown, model_text, index = screenshot_with_predictions(url, tmp_path, frames, results)  # faces are in 4 of its 7 scenes
     assert model_text == "face-detection 1.0.0"
     assert_annotated(shown, frames[index].image, results[index])
     for face in results[index].predictions:
