@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to for real: the MQTT broker, openssl for test certificates, a browser.
 APT_PACKAGES := mosquitto openssl chromium
 
-.PHONY: demo test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
+.PHONY: demo demo-face face-bundle test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ system-deps:
 
 demo: $(VENV)/.installed
 	$(BIN)/edge-agent run
+
+# The face detector on its sample clip (threshold 0.6: see models/face/MODEL_CARD.md).
+demo-face: $(VENV)/.installed
+	$(BIN)/edge-agent run --model models/face/bundle --source models/face/sample/faces.avi --threshold 0.6
+
+# Remake the face bundle and its clip (pip-downloads mediapipe's wheel for the model; KEY signs the bundle).
+face-bundle: $(VENV)/.installed
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[face]'
+	$(BIN)/python -m models.face.make_bundle --out models/face/bundle $(if $(KEY),--key $(KEY))
+	$(BIN)/python -m models.face.make_clip
 
 test: $(VENV)/.installed-test $(TFLITE_VENV)/.installed system-deps
 	$(BIN)/python -m pytest

@@ -8,7 +8,7 @@ import logging
 import signal
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 
@@ -16,13 +16,13 @@ from agent.bundles.starting import starting_keys
 from agent.cloud.host import Host
 from agent.errors import AgentError
 from agent.inference.model import LoadedModel, load_model
-from agent.inference.pipeline import Pipeline, Tuning
+from agent.inference.pipeline import Pipeline, Tuning, frame_settings
 from agent.inference.slot import ModelSlot
 from agent.messages import SequenceCounter
 from agent.observe.liveview import LiveViewServer
 from agent.observe.metrics import Health, Metrics
 from agent.observe.watchdog import supervise
-from agent.settings import Settings
+from agent.settings import Settings, SourceSettings
 from agent.sources import FrameSource, open_source
 from agent.topics import Topics
 from agent.transport.base import Transport
@@ -85,21 +85,23 @@ def build_pipeline(
     settings: Settings,
     transport: Transport,
     sequence: SequenceCounter,
-    source: FrameSource | None = None,
+    source: Callable[[SourceSettings], FrameSource] | None = None,
     publish_empty: bool | None = None,
 ) -> Pipeline:
     """Model first (the likeliest thing to be wrong), then the source; both fail with one clear line.
 
-    `source` and `publish_empty` override the settings for `infer` and `bench`, which bring their own frames.
+    `source` and `publish_empty` override the settings for `infer` and `bench`, which bring their own frames
+    (`source` opens them, given the source settings with the colour the model reads decided).
     """
     cv2.setNumThreads(-1 if settings.opencv_threads is None else settings.opencv_threads)
     slot = ModelSlot(load_configured_model(settings))
     wanted = tuning(settings)
     if publish_empty is not None:
         wanted = dataclasses.replace(wanted, publish_empty=publish_empty)
+    frames = frame_settings(settings.source, slot.active.task)
     # Only start-up waits for a camera or stream that is not there yet; the pipeline's own reopens try once.
-    source = source or open_source(settings.source, wait_s=settings.source.open_timeout_s)
-    return Pipeline(settings.source, slot, transport, sequence, wanted, source=source)
+    opened = source(frames) if source else open_source(frames, wait_s=frames.open_timeout_s)
+    return Pipeline(frames, slot, transport, sequence, wanted, source=opened)
 
 
 def log_serving(pipeline: Pipeline) -> None:

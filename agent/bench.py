@@ -20,6 +20,8 @@ import numpy as np
 from agent.app import build_pipeline, load_configured_model
 from agent.errors import SourceError
 from agent.inference.evaluate import invoke_latency_us
+from agent.inference.pipeline import frame_settings
+from agent.inference.tasks.base import Task
 from agent.messages import SequenceCounter
 from agent.settings import Settings
 from agent.sources import ImageFilesSource, open_source
@@ -36,7 +38,7 @@ def _percentiles(samples: list[float], scale: float) -> dict[str, float]:
 def bench_invoke(settings: Settings) -> dict:
     """One invoke of the first frame's first input through the configured backend."""
     model = load_configured_model(settings)
-    frames = read_frames(settings, 30)
+    frames = read_frames(settings, 30, model.task)
     inputs = next((prepared.invokes[0] for frame in frames if (prepared := model.task.prepare(frame.image)).invokes), None)
     if inputs is None:
         raise SourceError(f"source {settings.source.spec}: the model found nothing to run on in its first {len(frames)} frames; bench a source it sees something in")
@@ -44,9 +46,9 @@ def bench_invoke(settings: Settings) -> dict:
     return {"backend": model.backend.name, "device": model.backend.device, "p50": round(p50, 1), "p99": round(p99, 1), "unit": "us"}
 
 
-def read_frames(settings: Settings, count: int) -> list:
-    """The configured source's first frames, decoded up front (so decode is never measured)."""
-    source = open_source(settings.source)
+def read_frames(settings: Settings, count: int, task: Task) -> list:
+    """The configured source's first frames as the task reads them, decoded up front (so decode is never measured)."""
+    source = open_source(frame_settings(settings.source, task))
     frames = []
     while len(frames) < count and (frame := source.read()) is not None:
         frames.append(frame)
@@ -56,8 +58,8 @@ def read_frames(settings: Settings, count: int) -> list:
 
 def bench_frame(settings: Settings, max_frames: int = 300, rounds: int = 3) -> dict:
     """Per-frame cost on the configured source's frames, decoded up front so decode is excluded."""
-    frames = read_frames(settings, max_frames)
-    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=ImageFilesSource.from_files([]), publish_empty=True)
+    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=lambda frames: ImageFilesSource.from_files([]), publish_empty=True)
+    frames = read_frames(settings, max_frames, pipeline.slot.active.task)
     samples, digits = [], []
     for _ in range(rounds):
         for frame in frames:

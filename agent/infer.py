@@ -15,8 +15,8 @@ from agent.transport.console import ConsoleTransport
 
 def infer_images(settings: Settings, images: list[Path]) -> Iterator[InferenceResult]:
     """Yield a result for every image (even one with no digit); then fail naming any that did not decode."""
-    source = ImageFilesSource.from_files(images, colour=settings.source.colour)
-    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=source, publish_empty=True)
+    pipeline = build_pipeline(settings, ConsoleTransport(), SequenceCounter(settings.thing_name), source=lambda frames: ImageFilesSource.from_files(images, colour=frames.colour), publish_empty=True)
+    source = pipeline.source
     while (frame := source.read()) is not None:
         yield pipeline.process(frame)
     if source.unreadable:

@@ -42,11 +42,20 @@ class Box(Message):
     h: int = Field(gt=0)
 
 
+class Keypoint(Message):
+    """A named point of a detection (a face's eyes, nose tip, ...), in frame pixels."""
+
+    name: str
+    x: int
+    y: int
+
+
 class Prediction(Message):
     label: str
     class_index: int = Field(ge=0)
     score: float = Field(ge=0.0, le=1.0)
     box: Box | None = None
+    keypoints: list[Keypoint] | None = Field(None, description="points of the detection, in the order its model names them")
 
 
 class ModelRef(Message):
@@ -84,6 +93,7 @@ class InferenceResult(Envelope):
     frame: int = Field(ge=0, description="frame number within the source, from 0")
     captured_at: datetime
     model: ModelRef
+    task: str = Field(description="what the predictions are: the task id of the model's bundle (mnist-digits: one digit per box; detection: objects with boxes and keypoints)")
     predictions: list[Prediction]
     latency: StageLatency
 

@@ -53,7 +53,11 @@ class SourceSettings(Section):
     spec: str = Field(str(SHIPPED_SAMPLE_VIDEO), description="camera:N, a video file, an image folder, or an rtsp:// / http(s):// stream URL (default: the sample video shipped in the package)")
     loop: bool = Field(False, description="restart a video file or image folder at its end instead of stopping")
     pace_fps: float | None = Field(None, gt=0, description="most frames a second taken from the source: a file is read at this rate, like a camera; a camera or stream drops the frames in between (default: as fast as the model goes)")
-    colour: bool = Field(False, description="keep frames in colour (the live view shows them so); off, frames are grey, all the digit finder reads, and an MJPG file decodes in 40% less time")
+    colour: bool | None = Field(
+        None,
+        description="keep frames in colour (the live view shows them so); off, frames are grey, all the digit finder reads, and an MJPG file decodes in 40% less time; "
+        "null: as the model at start-up reads them (colour for a face detector, grey for the digit finder)",
+    )
     open_timeout_s: float = Field(30.0, ge=0, description="how long start-up keeps trying to open a camera or stream that is not there yet (plugged in late, still booting) before giving up; 0: one attempt")
     reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a live source that disappeared (or did not open at start-up)")
     reconnect_max_s: float = Field(1.0, gt=0, description="longest wait between reopen attempts (the wait doubles up to this); frames flow again within about this long of the source's return")
@@ -276,10 +280,19 @@ class DigitFinderSettings(Section):
         return self
 
 
+class DetectionSettings(Section):
+    """How a detector's raw candidates become detections (the score threshold is model.score_threshold)."""
+
+    max_detections: int = Field(20, ge=1, le=1000, description="keep at most this many detections per frame (the highest scoring)")
+    nms_iou: float = Field(0.3, gt=0, le=1, description="candidates of one label overlapping a better one by more than this IoU are the same object")
+    weighted_nms: bool = Field(True, description="merge the candidates of one object into their score-weighted mean box (MediaPipe's WEIGHTED) instead of keeping only the best")
+
+
 class TaskSettings(Section):
     """Each task's own settings, under its task id (dashes as underscores); a bundle's task reads its own."""
 
     mnist_digits: DigitFinderSettings = DigitFinderSettings()
+    detection: DetectionSettings = DetectionSettings()
 
 
 class LiveViewSettings(Section):

@@ -158,9 +158,9 @@ def test_real_tensors_disagree_with_manifest(tmp_path, test_key, edit, match):
 def test_unknown_manifest_task_is_refused_when_the_bundle_is_opened(tmp_path, test_key):
     bundle = copy_bundle(tmp_path / "b")
     raw = json.loads((bundle / "manifest.json").read_text())
-    raw["task"] = "detection"
+    raw["task"] = "segmentation"
     write_signed_raw(bundle, raw, test_key[0])
-    refused("unknown task 'detection'", open_bundle, bundle, trusted_keys=[test_key[1]], reason=Reason.INVALID_BUNDLE)
+    refused("unknown task 'segmentation'", open_bundle, bundle, trusted_keys=[test_key[1]], reason=Reason.INVALID_BUNDLE)
 
 
 def test_a_task_this_agent_does_not_know_is_refused_when_the_model_is_loaded(tmp_path, test_key):

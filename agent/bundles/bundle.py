@@ -83,32 +83,168 @@ class Provenance(Strict):
     created: Annotated[datetime, AfterValidator(_utc)]
 
 
+def _arrays(golden: dict[str, np.ndarray], where: str, **wanted: str) -> dict[str, np.ndarray]:
+    """The golden arrays named in `wanted` (name -> dtype kind, "u" or "i" or "f"), or a ModelError."""
+    for name, kinds in wanted.items():
+        if name not in golden or golden[name].dtype.kind not in kinds:
+            raise ModelError(f"{where}: {GOLDEN_FILE} has no {name} array of kind {kinds!r} (it holds {', '.join(sorted(golden)) or 'nothing'}); re-pack the bundle")
+    return golden
+
+
 class ManifestBase(Strict):
-    """Fields every task shares; each task adds its own output description."""
+    """Fields every task shares; each task adds its input, outputs, metrics and golden-set minimums."""
 
     schema_version: Literal[1] = 1
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     version: str = Field(pattern=SEMVER)
-    input: InputSpec
     files: dict[str, SHA256] = Field(description="relative path -> sha256 of every file but manifest.json/.sig")
-    metrics: Metrics
-    min_golden_accuracy: float = Field(ge=0, le=1, description="the device refuses the model below this on golden.npz")
+    labels: list[str] = Field(min_length=1)
     provenance: Provenance
+
+    def check_golden(self, golden: dict[str, np.ndarray], where: str) -> None:
+        """Refuse a golden.npz whose arrays this manifest's task cannot score (ModelError)."""
+        raise NotImplementedError
 
 
 class ClassificationManifest(ManifestBase):
     task: Literal["classification"] = "classification"
+    input: InputSpec
     output: OutputSpec
-    labels: list[str] = Field(min_length=1)
+    metrics: Metrics
+    min_golden_accuracy: float = Field(ge=0, le=1, description="the device refuses the model below this on golden.npz")
 
     @property
     def task_id(self) -> str:
         """The task that serves this model: a classifier's preprocessing names it (mnist-digits)."""
         return self.input.preprocessing
 
+    def check_golden(self, golden: dict[str, np.ndarray], where: str) -> None:
+        """x: uint8 images already in the input's form (N, H, W[, C]); y: their label indices (N,)."""
+        x, y = golden.get("x"), golden.get("y")
+        image_shape = tuple(self.input.shape[1:])
+        if self.input.colour == "gray" and image_shape[-1:] == (1,):
+            image_shape = image_shape[:-1]
+        if x is None or y is None or x.dtype != np.uint8 or x.shape[1:] != image_shape or y.shape != (len(x),) or len(x) == 0:
+            held = f"x {x.dtype}{x.shape} and y {y.shape}" if x is not None and y is not None else f"arrays {', '.join(sorted(golden))}"
+            raise ModelError(f"{where}: {GOLDEN_FILE} holds {held}; expected uint8 (N, {', '.join(map(str, image_shape))}) and (N,)")
 
-# task id -> manifest model. A detection task adds its model here (with boxes in its output spec).
-MANIFEST_TYPES: dict[str, type[ManifestBase]] = {"classification": ClassificationManifest}
+
+class DetectorInput(OutputSpec):
+    """The detector's image input and how a frame becomes it: fitted to the input size (letterbox keeps the
+    aspect ratio and pads with zeros, stretch does not), put in the colour order the model was trained on,
+    then (pixel - mean) / std per channel, then the tensor's own quantization."""
+
+    layout: Literal["NHWC"] = "NHWC"
+    colour: Literal["rgb", "bgr", "gray"]
+    fit: Literal["letterbox", "stretch"]
+    mean: list[float] = Field(min_length=1, max_length=3)
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, max_length=3)
+
+
+class DetectorOutput(OutputSpec):
+    """One output tensor of the model, in the order the model has them, and what it holds."""
+
+    role: Literal["boxes", "scores", "classes", "count"]
+
+
+class SsdAnchors(Strict):
+    """Anchors as MediaPipe's SsdAnchorsCalculatorOptions describe them (same names, same meaning)."""
+
+    num_layers: int = Field(ge=1)
+    min_scale: float = Field(gt=0)
+    max_scale: float = Field(gt=0)
+    input_size_height: int = Field(ge=1)
+    input_size_width: int = Field(ge=1)
+    anchor_offset_x: float = 0.5
+    anchor_offset_y: float = 0.5
+    strides: list[int] = Field(default_factory=list)
+    feature_map_height: list[int] = Field(default_factory=list)
+    feature_map_width: list[int] = Field(default_factory=list)
+    aspect_ratios: list[float] = Field(default_factory=list)
+    reduce_boxes_in_lowest_layer: bool = False
+    interpolated_scale_aspect_ratio: float = 1.0
+    fixed_anchor_size: bool = False
+
+
+class SsdDecoding(Strict):
+    """Raw box regressors and class scores decoded against SSD anchors, as MediaPipe's
+    TensorsToDetectionsCalculatorOptions describe them (BlazeFace and its family)."""
+
+    type: Literal["ssd-anchors"] = "ssd-anchors"
+    anchors: SsdAnchors
+    num_coords: int = Field(ge=4)
+    box_coord_offset: int = Field(0, ge=0)
+    keypoint_coord_offset: int = Field(4, ge=0)
+    num_keypoints: int = Field(0, ge=0)
+    num_values_per_keypoint: int = Field(2, ge=2)
+    x_scale: float = Field(gt=0)
+    y_scale: float = Field(gt=0)
+    w_scale: float = Field(gt=0)
+    h_scale: float = Field(gt=0)
+    apply_exponential_on_box_size: bool = False
+    reverse_output_order: bool = False
+    sigmoid_score: bool = True
+    score_clipping_thresh: float | None = Field(None, gt=0)
+
+
+class PostprocessDecoding(Strict):
+    """Detections already made by the model's TFLite_Detection_PostProcess op (TF Object Detection API,
+    Model Maker EfficientDet-Lite): boxes [1, N, 4] as normalized ymin, xmin, ymax, xmax, classes [1, N],
+    scores [1, N], count [1]. A class number plus label_offset is its index in labels."""
+
+    type: Literal["tflite-postprocess"] = "tflite-postprocess"
+    label_offset: int = 0
+
+
+class DetectionMetrics(Strict):
+    """Measured on the golden set when the bundle was made: recall and precision at IoU 0.5, 0..1."""
+
+    golden_recall: float = Field(ge=0, le=1)
+    golden_precision: float = Field(ge=0, le=1)
+    reference_recall: float | None = Field(None, ge=0, le=1, description="the model this one was made from (e.g. the float original of an int8 model)")
+    reference_precision: float | None = Field(None, ge=0, le=1)
+    size_bytes: int = Field(gt=0)
+    invoke_p50_us: float = Field(gt=0)
+
+
+class DetectionManifest(ManifestBase):
+    """A detector: a frame in, boxes (and keypoints) with labels and scores out.
+
+    Golden set (golden.npz): `images`, encoded images (PNG/JPEG) end to end as one uint8 array, `image_ends`
+    the end offset of each; `boxes` float (M, 4) x, y, w, h in image pixels, `box_images` the image each box
+    is in, `box_labels` its label index. An image with no box is a negative: anything found there is false.
+    """
+
+    task: Literal["detection"] = "detection"
+    input: DetectorInput
+    outputs: list[DetectorOutput] = Field(min_length=1)
+    decoding: Annotated[SsdDecoding | PostprocessDecoding, Field(discriminator="type")]
+    keypoints: list[str] = Field(default_factory=list, description="names of each detection's keypoints, in the model's order")
+    metrics: DetectionMetrics
+    score_threshold: float = Field(0.5, gt=0, le=1, description="the score at which golden recall and precision are measured (devices publish at model.score_threshold)")
+    min_golden_recall: float = Field(ge=0, le=1, description="the device refuses the model below this recall at IoU 0.5 on golden.npz")
+    min_golden_precision: float = Field(ge=0, le=1, description="the device refuses the model below this precision at IoU 0.5 on golden.npz")
+
+    @property
+    def task_id(self) -> str:
+        return "detection"
+
+    def check_golden(self, golden: dict[str, np.ndarray], where: str) -> None:
+        _arrays(golden, where, images="u", image_ends="iu", boxes="f", box_images="iu", box_labels="iu")
+        images, ends, boxes = golden["images"], golden["image_ends"], golden["boxes"]
+        count = len(golden["box_images"])
+        consistent = (
+            images.ndim == 1 and ends.ndim == 1 and len(ends) > 0 and int(ends[-1]) == len(images) and bool(np.all(np.diff(ends) > 0)) and int(ends[0]) > 0
+            and boxes.shape == (count, 4) and golden["box_labels"].shape == (count,)
+            and bool(np.all((golden["box_images"] >= 0) & (golden["box_images"] < len(ends))))
+            and bool(np.all((golden["box_labels"] >= 0) & (golden["box_labels"] < len(self.labels))))
+        )
+        if not consistent:
+            raise ModelError(f"{where}: {GOLDEN_FILE} detection arrays do not fit together (image ends, boxes (M, 4), a box's image and label in range); re-pack the bundle")
+
+
+# manifest `task` -> manifest model; each model's task_id names the task (agent.inference.tasks) that serves it.
+MANIFEST_TYPES: dict[str, type[ManifestBase]] = {"classification": ClassificationManifest, "detection": DetectionManifest}
 
 
 def canonical_bytes(raw: dict[str, Any]) -> bytes:
@@ -206,8 +342,7 @@ class Bundle:
     root: Path
     manifest: ManifestBase
     signer: str | None  # key id of the trusted key that signed it; None when unsigned bundles are allowed
-    golden_x: np.ndarray  # uint8 (N, H, W[, C]), already preprocessed
-    golden_y: np.ndarray  # int (N,)
+    golden: dict[str, np.ndarray]  # golden.npz's arrays, checked by the manifest's task
     _unpacked: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
@@ -221,6 +356,16 @@ class Bundle:
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
+
+    @property
+    def golden_x(self) -> np.ndarray:
+        """A classifier's golden images, uint8 (N, H, W[, C]), already preprocessed."""
+        return self.golden["x"]
+
+    @property
+    def golden_y(self) -> np.ndarray:
+        """A classifier's golden labels (N,)."""
+        return self.golden["y"].astype(np.int64)
 
 
 def read_manifest(root: Path, where: str) -> tuple[dict[str, Any], bytes]:
@@ -249,18 +394,14 @@ def _check_files(manifest: ManifestBase, files: dict[str, Path], where: str) -> 
         raise ModelError(f"{where}: {unlisted[0]} is not listed in the manifest; re-pack the bundle")
 
 
-def _read_golden(root: Path, manifest: ManifestBase, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_golden(root: Path, manifest: ManifestBase, where: str) -> dict[str, np.ndarray]:
     try:
         with np.load(root / GOLDEN_FILE, allow_pickle=False) as golden:
-            x, y = golden["x"], golden["y"]
+            arrays = {name: golden[name] for name in golden.files}
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{where}: {GOLDEN_FILE} is not an .npz with arrays x and y ({exc}); re-pack the bundle") from None
-    image_shape = tuple(manifest.input.shape[1:])
-    if manifest.input.colour == "gray" and image_shape[-1:] == (1,):
-        image_shape = image_shape[:-1]
-    if x.dtype != np.uint8 or x.shape[1:] != image_shape or y.shape != (len(x),) or len(x) == 0:
-        raise ModelError(f"{where}: {GOLDEN_FILE} holds x {x.dtype}{x.shape} and y {y.shape}; expected uint8 (N, {', '.join(map(str, image_shape))}) and (N,)")
-    return x, y.astype(np.int64)
+        raise ModelError(f"{where}: {GOLDEN_FILE} is not an .npz of plain arrays ({exc}); re-pack the bundle") from None
+    manifest.check_golden(arrays, where)
+    return arrays
 
 
 def _read_labels(root: Path, manifest: ManifestBase, where: str) -> None:
@@ -302,5 +443,4 @@ def open_bundle(
     manifest = parse_manifest(raw, f"{where}: {MANIFEST}")
     _check_files(manifest, files, where)
     _read_labels(root, manifest, where)
-    golden_x, golden_y = _read_golden(root, manifest, where)
-    return Bundle(root=root, manifest=manifest, signer=signer, golden_x=golden_x, golden_y=golden_y, _unpacked=unpacked)
+    return Bundle(root=root, manifest=manifest, signer=signer, golden=_read_golden(root, manifest, where), _unpacked=unpacked)

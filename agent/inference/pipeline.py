@@ -22,6 +22,7 @@ import numpy as np
 from agent import __version__
 from agent.errors import SourceError
 from agent.inference.slot import ModelSlot
+from agent.inference.tasks.base import Task
 from agent.messages import (
     InferenceResult,
     MetricsMessage,
@@ -69,6 +70,11 @@ class PipelineStats:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
 
 
+def frame_settings(settings: SourceSettings, task: Task) -> SourceSettings:
+    """The source settings with the colour of frames decided: as set, or (null) as the model's task reads them."""
+    return settings if settings.colour is not None else settings.model_copy(update={"colour": task.reads_colour})
+
+
 def restartable(source: FrameSource, reopen: Callable[[], FrameSource]) -> FrameSource:
     """A live source wrapped so the watchdog can reopen it in place; anything else as it is."""
     return RestartableSource(source, reopen) if isinstance(source, LiveSource) else source
@@ -86,7 +92,7 @@ class Pipeline:
         source: FrameSource | None = None,
     ):
         """`source` overrides `source_settings` for callers that bring their own frames (infer, bench)."""
-        self._source_settings = source_settings
+        self._source_settings = source_settings = frame_settings(source_settings, slot.active.task)
         self._source = restartable(source or open_source(source_settings), self._reopen_source)
         self.slot = slot
         self.transport = transport
@@ -127,6 +133,8 @@ class Pipeline:
         this one from then on. A source that cannot be opened stops the loop with its SourceError."""
 
         def replace() -> None:
+            nonlocal settings
+            settings = frame_settings(settings, self.slot.active.task)
             fresh = restartable(open_source(settings), self._reopen_source)
             old, self._source, self._source_settings = self._source, fresh, settings
             old.close()
@@ -198,6 +206,7 @@ class Pipeline:
             frame=frame.index,
             captured_at=frame.captured_at,
             model=model.ref,
+            task=model.manifest.task_id,
             predictions=inference.predictions,
             latency=StageLatency(find_ms=inference.prepare_s * 1e3, classify_ms=inference.run_s * 1e3, total_ms=(time.perf_counter() - start) * 1e3),
         )

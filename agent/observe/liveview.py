@@ -1,6 +1,6 @@
 """See what the device sees: a small HTTP server inside the agent with the annotated live stream.
 
-`/` is a page with the MJPEG stream (`/stream.mjpg`: every found digit boxed and labelled with its score,
+`/` is a page with the MJPEG stream (`/stream.mjpg`: every prediction (digit, face) boxed and labelled with its score, keypoints dotted,
 the model version, fps and latency drawn on the frame), the latest result and the model in use
 (`/results.json`, polled by the page); `/metrics` is Prometheus, `/healthz` is 200 or 503 with the reason.
 
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 BOUNDARY = "frame"
 BOX_COLOUR = (0, 255, 0)  # BGR green: stands out on paper and on a board
 TEXT_COLOUR = (255, 255, 255)
+KEYPOINT_COLOUR = (0, 0, 255)  # BGR red: a face's eyes, nose and mouth inside its green box
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -53,7 +54,8 @@ class Snapshot:
 
 
 def annotate(image: np.ndarray, result: InferenceResult | None, model: ModelRef, fps: float, latency_ms: float) -> np.ndarray:
-    """A copy of `image` with each prediction boxed and labelled, and the model, fps and latency on top."""
+    """A copy of `image` with each prediction boxed, labelled and its keypoints dotted, and the model, fps and
+    latency on top."""
     canvas = image.copy() if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     scale = max(canvas.shape[0] / 480, 0.5)
     thickness = max(int(round(2 * scale)), 1)
@@ -62,6 +64,8 @@ def annotate(image: np.ndarray, result: InferenceResult | None, model: ModelRef,
         if box is None:
             continue
         cv2.rectangle(canvas, (box.x, box.y), (box.x + box.w - 1, box.y + box.h - 1), BOX_COLOUR, thickness)
+        for point in prediction.keypoints or ():
+            cv2.circle(canvas, (point.x, point.y), thickness + 1, KEYPOINT_COLOUR, cv2.FILLED)
         _label(canvas, f"{prediction.label} {prediction.score:.2f}", (box.x, box.y), scale, BOX_COLOUR, (0, 0, 0))
     header = f"{model.name} {model.version}  {fps:.1f} fps  {latency_ms:.1f} ms"
     _label(canvas, header, (0, 0), scale, (0, 0, 0), TEXT_COLOUR, below=True)

@@ -54,7 +54,7 @@ def results(n: int, sequence: SequenceCounter) -> list[InferenceResult]:
     now = datetime.now(timezone.utc)
     latency = StageLatency(find_ms=1.2, classify_ms=0.3, total_ms=1.6)
     return [
-        InferenceResult(**sequence.envelope(), source="camera:0", frame=i, captured_at=now, model=model, predictions=predictions, latency=latency)
+        InferenceResult(**sequence.envelope(), source="camera:0", frame=i, captured_at=now, model=model, task="mnist-digits", predictions=predictions, latency=latency)
         for i in range(n)
     ]
 

@@ -91,7 +91,7 @@ def run(configuration: str, settings: Settings, frames, seconds: float, fps: flo
 
 def warm_pipeline(settings: Settings, frames):
     """A fresh pipeline (no observers) whose caches and interpreter have seen 30 frames."""
-    pipeline = build_pipeline(settings, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("bench"), source=ImageFilesSource.from_files([]))
+    pipeline = build_pipeline(settings, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("bench"), source=lambda frames: ImageFilesSource.from_files([]))
     for frame in frames[:30]:
         pipeline.process(frame)
     return pipeline

@@ -14,6 +14,7 @@ from agent.errors import ModelError
 ENTRY_POINTS = "edge_agent.tasks"
 BUILT_IN: dict[str, str] = {
     "mnist-digits": "agent.inference.tasks.mnist_digits:MnistDigitsTask",
+    "detection": "agent.inference.tasks.detection:DetectionTask",
 }
 
 

@@ -7,6 +7,7 @@ fit to serve (its golden set). Everything a task does per frame is pure numpy/Op
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from agent.bundles.bundle import OutputSpec
+from agent.errors import ModelError, Reason
+from agent.inference.backends.base import TensorSpec
 from agent.messages import Prediction
 
 Run = Callable[[Sequence[np.ndarray]], list[np.ndarray]]  # one backend invoke
@@ -40,10 +44,25 @@ class GoldenScore:
         return self.value >= self.minimum
 
 
+def check_tensor(name: str, claimed: OutputSpec, real: TensorSpec, where: str) -> None:
+    """The model's real tensor must be what its manifest promised (shape, dtype, quantization)."""
+    same = (
+        tuple(claimed.shape) == real.shape
+        and claimed.dtype == real.dtype
+        and math.isclose(claimed.scale, real.scale, rel_tol=1e-6, abs_tol=1e-12)
+        and claimed.zero_point == real.zero_point
+    )
+    if not same:
+        said = f"{claimed.dtype}{list(claimed.shape)} scale {claimed.scale:g} zero point {claimed.zero_point}"
+        has = f"{real.dtype}{list(real.shape)} scale {real.scale:g} zero point {real.zero_point}"
+        raise ModelError(f"{where}: model {name} tensor is {has} but the manifest says {said}; re-pack the bundle from this model", Reason.TENSOR_MISMATCH)
+
+
 class Task(ABC):
     """One kind of vision work (read digits, detect faces) on one loaded model."""
 
     name: ClassVar[str]
+    reads_colour: bool = False  # a source left to choose (source.colour null) delivers colour frames when True
 
     @abstractmethod
     def prepare(self, image: np.ndarray) -> Prepared:

@@ -7,33 +7,17 @@ Golden check: top-1 accuracy on the bundle's golden digits.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from agent.bundles.bundle import Bundle, OutputSpec
+from agent.bundles.bundle import Bundle
 from agent.errors import ModelError, Reason
 from agent.inference.backends.base import TensorSpec
-from agent.inference.tasks.base import GoldenScore, Prepared, Run, Task
+from agent.inference.tasks.base import GoldenScore, Prepared, Run, Task, check_tensor
 from agent.inference.tasks.digit_finder import MNIST_SIZE, DigitFinder
 from agent.messages import Box, Prediction
 from agent.settings import DigitFinderSettings
 
 INPUT_SHAPE = (1, MNIST_SIZE, MNIST_SIZE, 1)
-
-
-def check_tensor(name: str, claimed: OutputSpec, real: TensorSpec, where: str) -> None:
-    """The model's real tensor must be what its manifest promised (shape, dtype, quantization)."""
-    same = (
-        tuple(claimed.shape) == real.shape
-        and claimed.dtype == real.dtype
-        and math.isclose(claimed.scale, real.scale, rel_tol=1e-6, abs_tol=1e-12)
-        and claimed.zero_point == real.zero_point
-    )
-    if not same:
-        said = f"{claimed.dtype}{list(claimed.shape)} scale {claimed.scale:g} zero point {claimed.zero_point}"
-        has = f"{real.dtype}{list(real.shape)} scale {real.scale:g} zero point {real.zero_point}"
-        raise ModelError(f"{where}: model {name} tensor is {has} but the manifest says {said}; re-pack the bundle from this model", Reason.TENSOR_MISMATCH)
 
 
 def quantize_digits(spec: TensorSpec, images: np.ndarray) -> np.ndarray:
