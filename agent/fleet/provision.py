@@ -52,14 +52,14 @@ def device_settings(thing: str, endpoint: str, device_dir: Path, trusted_keys: l
     return values
 
 
-def _prepare_out(out: Path, names: list[str]) -> None:
+def refuse_existing(out: Path, names: list[str]) -> None:
     """Refuse to overwrite an earlier device's files: a private key is never replaced."""
     for name in names:
         if (out / name).exists():
             raise ConfigError(f"--out {out}: {name} already exists; choose an empty folder (credentials are never overwritten)")
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as stream:
         stream.write(data)
@@ -87,7 +87,7 @@ def provision(
     files = [SETTINGS_FILE, CERT_FILE, KEY_FILE, CA_FILE, *(key.name for key in keys)]
     # Check the settings (thing name included) before any AWS call, with the endpoint still unknown.
     validate_settings(device_settings(thing, "endpoint.invalid", device_dir, [key.name for key in keys]), "provision")
-    _prepare_out(out, files)
+    refuse_existing(out, files)
 
     account = aws.call("sts", "get_caller_identity")["Account"]
     document = policy_document(policy_file, aws.region, account)
@@ -122,10 +122,10 @@ def provision(
 
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    _write(out / KEY_FILE, credentials["keyPair"]["PrivateKey"].encode(), 0o600)
-    _write(out / CERT_FILE, credentials["certificatePem"].encode(), 0o644)
-    _write(out / CA_FILE, AMAZON_ROOT_CA.read_bytes(), 0o644)
+    write_file(out / KEY_FILE, credentials["keyPair"]["PrivateKey"].encode(), 0o600)
+    write_file(out / CERT_FILE, credentials["certificatePem"].encode(), 0o644)
+    write_file(out / CA_FILE, AMAZON_ROOT_CA.read_bytes(), 0o644)
     for key in keys:
-        _write(out / key.name, key.read_bytes(), 0o644)
-    _write(out / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False).encode(), 0o600)
+        write_file(out / key.name, key.read_bytes(), 0o644)
+    write_file(out / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False).encode(), 0o600)
     return summary
