@@ -56,3 +56,7 @@ class SourceError(AgentError):
 
 class TransportError(AgentError):
     """A transport that cannot deliver: bad certificate, refused connection, denied topic, oversize payload."""
+
+
+class ProvisioningError(AgentError):
+    """Fleet provisioning by claim that could not finish: IoT Core unreachable, or the request rejected."""

@@ -265,6 +265,25 @@ def validate_settings(values: dict[str, Any], origin: str = "setting") -> Settin
         raise ConfigError(describe_validation_error(exc, origin)) from None
 
 
+# A provisioned device's folder: its settings file, certificate and private key (`edge-fleet provision` on
+# the operator's side, `edge-agent provision` by claim on the device's).
+SETTINGS_FILE = "agent.yaml"
+CERT_FILE = "device.pem.crt"
+KEY_FILE = "private.pem.key"
+
+
+def device_settings(thing: str, endpoint: str, *, cert: Path, key: Path, ca: Path, port: int = 8883, trusted_keys: list[Path] = ()) -> dict[str, Any]:
+    """The settings a provisioned device starts with (paths as they are on the device)."""
+    values: dict[str, Any] = {
+        "thing_name": thing,
+        "transport": "mqtt",
+        "mqtt": {"endpoint": endpoint, "port": port, "cert": str(cert), "key": str(key), "ca": str(ca)},
+    }
+    if trusted_keys:
+        values["model"] = {"trusted_keys": [str(path) for path in trusted_keys]}
+    return values
+
+
 def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
     """Defaults < settings file < EDGE_AGENT_* environment < command-line flags."""
     layered = read_settings_file(config_file) if config_file else {}

@@ -24,9 +24,9 @@ import pytest
 
 from agent.messages import InferenceResult
 from aws_stand_in import ACCOUNT, REGION, aws, aws_env, client, moto_server  # noqa: F401 (fixtures)
+from cfn_template import SUB, TEMPLATE, Resolver, load_template
 from conftest import REPO, agent_env, one_line_error, run_cli
 
-TEMPLATE = REPO / "deploy" / "cloudformation" / "edge-agent.yaml"
 STACK = "edge"
 # What moto 5.2.5's CloudFormation does not implement (a moto upgrade that adds one fails this test: move it).
 NOT_IN_MOTO_CLOUDFORMATION = {
@@ -51,15 +51,6 @@ NAME_PROPERTY = {
 }
 
 
-def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
-    """The template as plain JSON data, short-form intrinsics (!Sub, !GetAtt) in their long form."""
-    from cfnlint.decode import decode_str
-
-    template, problems = decode_str(path.read_text())
-    assert not problems, problems
-    return json.loads(json.dumps(template))
-
-
 def moto_types() -> set[str]:
     from moto.cloudformation.parsing import get_model_map
 
@@ -71,13 +62,6 @@ def fleet(endpoint: str, *args) -> subprocess.CompletedProcess:
 
 
 # -- intrinsic functions: placeholders for moto's stack, real values for the API-made resources --------------
-
-SUB = re.compile(r"\$\{([^}!][^}]*)\}")
-
-
-def _sub(text: str, value) -> str:
-    return SUB.sub(lambda m: value(m.group(1)), text).replace("${!", "${")
-
 
 def without(template: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
     """The template minus `dropped` resources, every reference to them a placeholder string."""
@@ -113,30 +97,6 @@ def without(template: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
 
     kept = {name: resource for name, resource in template["Resources"].items() if name not in dropped}
     return named({**template, "Resources": scrub(kept), "Outputs": scrub(template["Outputs"])})
-
-
-class Resolver:
-    """Ref, Fn::GetAtt and Fn::Sub against the deployed stack and what the test made through the APIs."""
-
-    def __init__(self, template: dict[str, Any], stack: str):
-        self.values: dict[str, str] = {name: str(p.get("Default")) for name, p in template["Parameters"].items()}
-        self.values.update({"AWS::Region": REGION, "AWS::AccountId": ACCOUNT, "AWS::Partition": "aws", "AWS::StackName": stack})
-        self.attributes: dict[str, str] = {}
-
-    def __call__(self, node):
-        if isinstance(node, list):
-            return [self(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        if node.keys() == {"Ref"}:
-            return self.values[node["Ref"]]
-        if node.keys() == {"Fn::GetAtt"}:
-            return self.attributes[".".join(node["Fn::GetAtt"])]
-        if node.keys() == {"Fn::Sub"}:
-            text, variables = (node["Fn::Sub"], {}) if isinstance(node["Fn::Sub"], str) else node["Fn::Sub"]
-            local = {name: self(value) for name, value in variables.items()}
-            return _sub(text, lambda name: local.get(name) or self.values.get(name) or self.attributes[name])
-        return {key: self(value) for key, value in node.items()}
 
 
 def camel(node):

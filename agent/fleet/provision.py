@@ -17,13 +17,10 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
-from agent.settings import AMAZON_ROOT_CA, REPO_ROOT, validate_settings
+from agent.settings import AMAZON_ROOT_CA, CERT_FILE, KEY_FILE, REPO_ROOT, SETTINGS_FILE, device_settings, validate_settings
 
 DEFAULT_POLICY_FILE = REPO_ROOT / "deploy" / "iot" / "policy.json"
 DEFAULT_POLICY_NAME = "edge-agent"
-SETTINGS_FILE = "agent.yaml"
-CERT_FILE = "device.pem.crt"
-KEY_FILE = "private.pem.key"
 CA_FILE = "AmazonRootCA1.pem"
 ARN_PLACEHOLDER = "arn:aws:iot:REGION:ACCOUNT_ID:"
 
@@ -40,16 +37,11 @@ def policy_document(path: Path, region: str, account: str) -> str:
     return text.replace(ARN_PLACEHOLDER, f"arn:aws:iot:{region}:{account}:")
 
 
-def device_settings(thing: str, endpoint: str, device_dir: Path, trusted_keys: list[str]) -> dict[str, Any]:
-    """The agent settings a provisioned device starts with (paths as they will be on the device)."""
-    values: dict[str, Any] = {
-        "thing_name": thing,
-        "transport": "mqtt",
-        "mqtt": {"endpoint": endpoint, "port": 8883, "cert": str(device_dir / CERT_FILE), "key": str(device_dir / KEY_FILE), "ca": str(device_dir / CA_FILE)},
-    }
-    if trusted_keys:
-        values["model"] = {"trusted_keys": [str(device_dir / name) for name in trusted_keys]}
-    return values
+def settings_for(thing: str, endpoint: str, device_dir: Path, trusted_keys: list[Path]) -> dict[str, Any]:
+    """The device's settings, its files where they will be on the device (`device_dir`)."""
+    return device_settings(
+        thing, endpoint, cert=device_dir / CERT_FILE, key=device_dir / KEY_FILE, ca=device_dir / CA_FILE, trusted_keys=[device_dir / key.name for key in trusted_keys]
+    )
 
 
 def refuse_existing(out: Path, names: list[str]) -> None:
@@ -86,7 +78,7 @@ def provision(
             raise ConfigError(f"--trusted-key {key}: no such file; pass the public key (.pub) that signs your models")
     files = [SETTINGS_FILE, CERT_FILE, KEY_FILE, CA_FILE, *(key.name for key in keys)]
     # Check the settings (thing name included) before any AWS call, with the endpoint still unknown.
-    validate_settings(device_settings(thing, "endpoint.invalid", device_dir, [key.name for key in keys]), "provision")
+    validate_settings(settings_for(thing, "endpoint.invalid", device_dir, keys), "provision")
     refuse_existing(out, files)
 
     account = aws.call("sts", "get_caller_identity")["Account"]
@@ -106,7 +98,7 @@ def provision(
     aws.call("iot", "attach_thing_principal", thingName=thing, principal=certificate_arn)
     endpoint = aws.call("iot", "describe_endpoint", endpointType="iot:Data-ATS")["endpointAddress"]
 
-    settings = device_settings(thing, endpoint, device_dir, [key.name for key in keys])
+    settings = settings_for(thing, endpoint, device_dir, keys)
     validate_settings(settings, "provision")
     summary = {
         "thing": thing,
