@@ -137,9 +137,9 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
     aws = make_aws(args)
     if args.watch:
-        status = watch(aws, args.group, args.interval)
+        status = watch(aws, args.group, args.interval, args.job)
     else:
-        status = fleet_status(aws, args.group)
+        status = fleet_status(aws, args.group, args.job)
         print(json.dumps(status.as_json(), indent=2) if args.json else render(status, sys.stdout.isatty()))
     return 1 if status.failed else 0
 
@@ -228,9 +228,10 @@ def command_group(commands: Subcommands, name: str, help_text: str) -> Subcomman
 
 
 def add_fleet_commands(commands: Subcommands) -> None:
-    status = command_group(commands, "fleet", "watch the fleet").add_parser("status", help="every device's model version, last job and last seen; exit 1 if any failed")
+    status = command_group(commands, "fleet", "watch the fleet").add_parser("status", help="every device's model version, job status and last seen (from fleet indexing when on); exit 1 if any failed")
     status.add_argument("--group", help="only this thing group (default: every thing)")
-    status.add_argument("--watch", action="store_true", help="redraw until no job is queued or running")
+    status.add_argument("--job", help="the rollout to report on (default: the newest job aimed at the group)")
+    status.add_argument("--watch", action="store_true", help="a progress bar of the rollout's counts until it settles, then its failures")
     status.add_argument("--interval", type=float, default=5.0, help="seconds between redraws (default 5)")
     status.add_argument("--json", action="store_true", help="print JSON instead of the table")
     add_aws_options(status, changes=False)
