@@ -56,9 +56,11 @@ train: $(VENV)/.installed
 component: $(VENV)/.installed
 	$(BIN)/python deploy/greengrass/build.py
 
-# 20 agent processes, one broker, a model rollout with 2 corrupted downloads (also run by make test).
+# DEVICES agent processes (2 fps each), one broker, a paced model rollout with 3 corrupted downloads
+# (make test runs a small one). `make fleet-sim DEVICES=20`.
+DEVICES ?= 100
 fleet-sim: $(VENV)/.installed-test system-deps
-	$(BIN)/python tests/fleet_sim.py --devices 20 --corrupt 2
+	$(BIN)/python tests/fleet_sim.py --devices $(DEVICES) --corrupt 3
 
 schema: $(VENV)/.installed
 	$(BIN)/edge-agent schema
