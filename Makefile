@@ -56,11 +56,12 @@ train: $(VENV)/.installed
 component: $(VENV)/.installed
 	$(BIN)/python deploy/greengrass/build.py
 
-# DEVICES agent processes (2 fps each), one broker, a paced model rollout with 3 corrupted downloads
-# (make test runs a small one). `make fleet-sim DEVICES=20`.
+# DEVICES agent processes (2 fps each), one broker, a paced model rollout with CORRUPT corrupted downloads
+# (make test runs a small one). `make fleet-sim DEVICES=20 CORRUPT=2`.
 DEVICES ?= 100
+CORRUPT ?= 3
 fleet-sim: $(VENV)/.installed-test system-deps
-	$(BIN)/python tests/fleet_sim.py --devices $(DEVICES) --corrupt 3
+	$(BIN)/python tests/fleet_sim.py --devices $(DEVICES) --corrupt $(CORRUPT)
 
 schema: $(VENV)/.installed
 	$(BIN)/edge-agent schema

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,8 @@ from agent.settings import DEV_SIGNING_KEY, SHIPPED_BUNDLE, validate_settings  #
 
 JOB_ID = "fleet-sim-model-update"
 # Fast enough that a hundred devices are notified within half a minute: 60/min at first, doubling after
-# every 10 successes, at most 1000/min; cancel when 10% of at least 10 finished devices failed.
-SIM_ROLLOUT = Rollout(base_rate_per_minute=60, increment_factor=2.0, increase_after_succeeded=10, maximum_per_minute=1000, abort_threshold_percent=10, abort_min_devices=10)
+# every 10 successes, at most 1000/min; cancel when 20% of at least 10 finished devices failed.
+SIM_ROLLOUT = Rollout(base_rate_per_minute=60, increment_factor=2.0, increase_after_succeeded=10, maximum_per_minute=1000, abort_threshold_percent=20, abort_min_devices=10)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.corrupt < args.devices:
         parser.error("--corrupt must be at least 0 and below --devices")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still stop every agent and the broker
     with tempfile.TemporaryDirectory(prefix="fleet-sim-") as tmp:
         folder = args.keep or Path(tmp)
         rollout = Rollout.model_validate({name: getattr(args, name) for name in Rollout.model_fields})
