@@ -131,10 +131,45 @@ def test_the_device_policy_is_deploy_iot_policy_plus_the_capture_role_alias():
     }
 
 
+def hive_fields(type_text: str) -> dict | None:
+    """The field names inside a Hive type (struct<...>, array<struct<...>>), nested; None for a plain type."""
+    def parse(text: str, at: int) -> tuple[dict | None, int]:
+        for opener in ("array<", "struct<"):
+            if text.startswith(opener, at):
+                at += len(opener)
+                if opener == "array<":
+                    inner, at = parse(text, at)
+                    return inner, at + 1  # past '>'
+                fields = {}
+                while text[at] != ">":
+                    name, at = text[at : text.index(":", at)], text.index(":", at) + 1
+                    fields[name], at = parse(text, at)
+                    at += text[at] == ","
+                return fields, at + 1
+        end = min(i for i in (text.find(",", at), text.find(">", at), len(text)) if i != -1)
+        return None, end
+
+    return parse(type_text, 0)[0]
+
+
+def model_fields(model) -> dict:
+    """A message model's field names, nested into the models its fields hold."""
+    from pydantic import BaseModel
+
+    def inner(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return model_fields(annotation)
+        found = [fields for argument in getattr(annotation, "__args__", ()) if (fields := inner(argument)) is not None]
+        return found[0] if found else None
+
+    return {name: inner(field.annotation) for name, field in model.model_fields.items()}
+
+
 def test_the_results_table_has_a_column_for_every_field_of_a_result():
     table = load_template()["Resources"]["ResultsTable"]["Properties"]["TableInput"]
-    columns = [column["Name"] for column in table["StorageDescriptor"]["Columns"]]
-    assert columns == list(InferenceResult.model_fields)
+    columns = {column["Name"]: hive_fields(column["Type"]) for column in table["StorageDescriptor"]["Columns"]}
+    assert columns == model_fields(InferenceResult)  # names and order, nested structs included
+    assert list(columns) == list(InferenceResult.model_fields)
     assert [key["Name"] for key in table["PartitionKeys"]] == ["date"]
 
 

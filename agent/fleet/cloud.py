@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.settings import REPO_ROOT
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws, CloudError
 from agent.fleet.provision import CA_FILE, refuse_existing, write_file
+from agent.settings import AMAZON_ROOT_CA, REPO_ROOT
 
 DEFAULT_TEMPLATE = REPO_ROOT / "deploy" / "cloudformation" / "edge-agent.yaml"
 MAX_TEMPLATE_BODY = 51_200  # bytes CloudFormation takes inline; a larger template must go through S3
@@ -136,8 +136,6 @@ def stack_outputs(aws: Aws, stack: str) -> dict[str, str]:
 
 def make_claim(aws: Aws, stack: str, out: Path) -> dict[str, Any]:
     """An active claim certificate with the stack's claim policy, written to `out` (key 0600) with the root CA."""
-    from agent.settings import AMAZON_ROOT_CA
-
     out = Path(out)
     refuse_existing(out, [CLAIM_CERT_FILE, CLAIM_KEY_FILE])
     outputs = stack_outputs(aws, stack)
