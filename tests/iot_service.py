@@ -195,6 +195,11 @@ class IotService(Observer):
         job.done.set()
         self._settle(job)
 
+    def notified(self, job_id: str) -> dict[str, float]:
+        """Thing -> when the job reached it (time.monotonic()), so far."""
+        with self._lock:
+            return dict(self.jobs[job_id].notified_at)
+
     def _stopping(self, job: RolloutJob) -> bool:
         return job.status != "IN_PROGRESS" or self._closed
 

@@ -4,7 +4,7 @@
 (CreateKeysAndCertificate), and registers itself through the fleet provisioning template (RegisterThing),
 which creates the thing, activates the certificate and attaches the device policy. It then writes its own
 certificate, private key (0600) and settings (agent.yaml) so that `edge-agent run --config DIR/agent.yaml`
-runs. Both requests go through the SDK's `IotIdentityClientV2` on an MQTT5 client (the agent's MqttLink).
+runs. Both requests go through the SDK's `IotIdentityClientV2` on an MQTT5 client from its mqtt5_client_builder.
 
 Restart-safe: the new credentials and their ownership token are kept in DIR/pending.json (0600, written
 atomically) before RegisterThing is asked, so a run that stops half way (power cut, broker gone, rejected)
