@@ -89,6 +89,11 @@ class ResultLog(Observer):
         with self.lock:
             return sum(self.counts.values())
 
+    def count(self, thing: str) -> int:
+        """Results seen from the thing so far (cheap: a watcher polls it for a hundred things)."""
+        with self.lock:
+            return len(self.versions[thing])
+
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -140,16 +145,19 @@ def device_settings(thing: str, folder: Path, broker: Mosquitto, pki: Pki, trust
     return path
 
 
-def wait(condition, what: str, timeout_s: float, processes: dict[str, subprocess.Popen]) -> float:
-    """Seconds until `condition()` held; stops early (with the agent's exit) if an agent died."""
+def wait(condition, what: str, timeout_s: float, processes: dict[str, subprocess.Popen], give_up: bool = True) -> float | None:
+    """Seconds until `condition()` held; stops early (with the agent's exit) if an agent died. On timeout:
+    exits, or with give_up=False returns None (the report then names the devices that did not finish)."""
     start = time.monotonic()
     while not condition():
         for thing, process in processes.items():
             if process.poll() is not None:
                 raise SystemExit(f"fleet-sim: agent {thing} exited with {process.returncode} while waiting for {what}")
         if time.monotonic() - start > timeout_s:
-            raise SystemExit(f"fleet-sim: timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
+            if give_up:
+                raise SystemExit(f"fleet-sim: timed out after {timeout_s:.0f} s waiting for {what}")
+            return None
+        time.sleep(0.25)
     return time.monotonic() - start
 
 
@@ -182,14 +190,14 @@ def simulate(devices: int, corrupt: int, fps: float, measure_s: float, timeout_s
                 logs.append(log)
                 command = [sys.executable, "-m", "agent", "run", "--config", str(config)]
                 processes[thing] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=home, env=agent_env())
-            startup = wait(lambda: all(results.snapshot(t) for t in things), "every device's first result", timeout_s, processes)
+            startup = wait(lambda: all(results.count(t) for t in things), "every device's first result", timeout_s, processes)
 
             # Steady state before the update: CPU, memory, result rate per agent process, broker traffic.
-            before = {t: (cpu_seconds(p.pid), len(results.snapshot(t))) for t, p in processes.items()}
+            before = {t: (cpu_seconds(p.pid), results.count(t)) for t, p in processes.items()}
             messages_before = results.total()
             time.sleep(measure_s)
             cpu = {t: 100 * (cpu_seconds(p.pid) - before[t][0]) / measure_s for t, p in processes.items()}
-            rate = {t: (len(results.snapshot(t)) - before[t][1]) / measure_s for t in things}
+            rate = {t: (results.count(t) - before[t][1]) / measure_s for t in things}
             steady_messages_per_s = (results.total() - messages_before) / measure_s
             memory = {t: memory_mb(p.pid) for t, p in processes.items()}
 
@@ -201,16 +209,16 @@ def simulate(devices: int, corrupt: int, fps: float, measure_s: float, timeout_s
 
             def settled() -> bool:
                 over = job.status != "IN_PROGRESS"  # read first: every notification came before it
-                reached = service.notified(JOB_ID)
-                for thing in reached:
-                    if thing not in finished and service.execution(thing, JOB_ID).status in TERMINAL:
+                statuses = service.statuses(JOB_ID)
+                for thing, status in statuses.items():
+                    if thing not in finished and status in TERMINAL:
                         finished[thing] = time.monotonic() - rollout_start
-                return over and len(finished) == len(reached)
+                return over and len(finished) == len(statuses)
 
-            settle_s = wait(settled, "the rollout to finish", timeout_s, processes)
-            rollout_messages_per_s = (results.total() - messages_before) / settle_s
-            marks = {thing: len(results.snapshot(thing)) for thing in things}
-            wait(lambda: all(len(results.snapshot(t)) >= marks[t] + max(1, int(fps)) for t in things), "a second of results after the rollout", timeout_s, processes)
+            settle_s = wait(settled, "the rollout to finish", timeout_s, processes, give_up=False)
+            rollout_messages_per_s = (results.total() - messages_before) / (settle_s or timeout_s)
+            marks = {thing: results.count(thing) for thing in things}
+            wait(lambda: all(results.count(t) >= marks[t] + max(1, int(fps)) for t in things), "a second of results after the rollout", timeout_s, processes)
             executions = {thing: service.execution(thing, JOB_ID) for thing in things}
             shadows = {thing: service.shadows.get(thing) for thing in things}
             counts = dict(results.counts)
@@ -236,7 +244,10 @@ def simulate(devices: int, corrupt: int, fps: float, measure_s: float, timeout_s
         reported = ((shadow.state.get("reported") or {}).get("model") or {}).get("version") if shadow else None
         status = execution.status if execution else None
         reason = execution.status_details.get("reason") if execution else None
-        if status is None or status == "CANCELED":
+        if status in ("QUEUED", "IN_PROGRESS"):
+            problems.append(f"{thing}: still {status} when the rollout should have finished ({execution.status_details})")
+            expected = (seen[-1] if seen else old, status, reason)
+        elif status is None or status == "CANCELED":
             expected = (old, status, None)  # the job never reached it (aborted first)
         elif thing in bad:
             expected = (old, "FAILED", "SHA256_MISMATCH")
@@ -264,6 +275,8 @@ def simulate(devices: int, corrupt: int, fps: float, measure_s: float, timeout_s
             }
         last_seen = iso_time(newest_timestamp(shadow.metadata.get("reported"))) if shadow else None
         table.append(Device(thing, reported, JOB_ID if execution else None, status, " ".join(filter(None, (reason, execution.status_details.get("message") if execution else None))) or None, last_seen))
+    if settle_s is None:
+        problems.insert(0, f"the rollout did not finish within {timeout_s:.0f} s: job {job.status}, {len(notified)} of {devices} devices notified")
     connections = (folder / "broker" / "mosquitto.log").read_text().count("New client connected")
     healthy_done = [finished[t] for t in things if t not in bad and executions[t] and executions[t].status == "SUCCEEDED"]
     took = [finished[t] - (notified[t] - rollout_start) for t in finished]
@@ -276,7 +289,7 @@ def simulate(devices: int, corrupt: int, fps: float, measure_s: float, timeout_s
         "failures": failures,
         "startup_s": round(startup, 1),
         "converged_s": round(max(healthy_done), 2) if healthy_done else None,
-        "settled_s": round(settle_s, 2),
+        "settled_s": round(settle_s, 2) if settle_s is not None else None,
         "update_s_per_device": {"median": round(sorted(took)[len(took) // 2], 2), "max": round(max(took), 2)} if took else None,
         "per_agent": {
             "cpu_percent_mean": round(sum(cpu.values()) / devices, 1),

@@ -200,6 +200,12 @@ class IotService(Observer):
         with self._lock:
             return dict(self.jobs[job_id].notified_at)
 
+    def statuses(self, job_id: str) -> dict[str, str]:
+        """Thing -> status of its execution of the job, for the things it reached so far (one short lock hold:
+        a watcher polling this must not starve the devices' requests)."""
+        with self._lock:
+            return {thing: self.executions[thing][job_id].status for thing in self.jobs[job_id].notified_at}
+
     def _stopping(self, job: RolloutJob) -> bool:
         return job.status != "IN_PROGRESS" or self._closed
 

@@ -28,7 +28,6 @@ from typing import Any, TextIO
 from agent.fleet.aws import Aws, CloudError
 
 FAILED = {"FAILED", "TIMED_OUT", "REJECTED"}
-PENDING = {"QUEUED", "IN_PROGRESS"}
 WORKERS = 8
 SEARCH_PAGE = 500  # SearchIndex's largest page
 EXECUTIONS_PAGE = 250  # ListJobExecutionsForJob's largest page
@@ -76,10 +75,6 @@ class FleetStatus:
     @property
     def failed(self) -> list[Device]:
         return [device for device in self.devices if device.failed]
-
-    @property
-    def settled(self) -> bool:
-        return not any(device.job_status in PENDING for device in self.devices)
 
     def as_json(self) -> dict[str, Any]:
         return {"devices": [asdict(device) for device in self.devices], "versions": self.versions, "failed": len(self.failed), "source": self.source}
