@@ -90,9 +90,12 @@ component: $(VENV)/.installed
 docs: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/test_docs.py
 
-# 20 agent processes, one broker, a model rollout with 2 corrupted downloads (also run by make test).
+# DEVICES agent processes (2 fps each), one broker, a paced model rollout with CORRUPT corrupted downloads
+# (make test runs a small one). `make fleet-sim DEVICES=20 CORRUPT=2`.
+DEVICES ?= 100
+CORRUPT ?= 3
 fleet-sim: $(VENV)/.installed-test system-deps
-	$(BIN)/python tests/fleet_sim.py --devices 20 --corrupt 2
+	$(BIN)/python tests/fleet_sim.py --devices $(DEVICES) --corrupt $(CORRUPT)
 
 schema: $(VENV)/.installed
 	$(BIN)/edge-agent schema

@@ -185,6 +185,31 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.cloud.provisioning import Claim, provision
+
+    if not args.endpoint:
+        raise ConfigError("--endpoint is not set; pass the IoT data endpoint (`edge-fleet cloud deploy` prints it) or set EDGE_AGENT_MQTT__ENDPOINT")
+    claim = Claim(cert=args.claim_cert, key=args.claim_key, endpoint=args.endpoint, template=args.template, port=args.port, timeout_s=args.timeout, **({"ca": args.ca} if args.ca else {}))
+    print(json.dumps(provision(claim, args.out, args.serial, args.trusted_key or []), indent=2))
+    return 0
+
+
+def add_provision_command(commands: argparse._SubParsersAction) -> None:
+    provision = commands.add_parser("provision", help="first boot: trade the claim certificate for this device's own thing, certificate and settings")
+    provision.add_argument("--claim-cert", type=Path, required=True, help="claim certificate (PEM) shipped with the device")
+    provision.add_argument("--claim-key", type=Path, required=True, help="its private key")
+    provision.add_argument("--template", required=True, help="fleet provisioning template name (the stack's ProvisioningTemplateName)")
+    provision.add_argument("--endpoint", default=os.environ.get("EDGE_AGENT_MQTT__ENDPOINT"), help="IoT Core data endpoint (default: EDGE_AGENT_MQTT__ENDPOINT)")
+    provision.add_argument("--port", type=int, default=8883, help="MQTT port (default 8883)")
+    provision.add_argument("--ca", type=Path, help="CA certificate of the endpoint (default: Amazon Root CA 1)")
+    provision.add_argument("--serial", help="this device's serial number, which becomes its thing name (default: the host name)")
+    provision.add_argument("--trusted-key", type=Path, action="append", help="Ed25519 public key allowed to sign models, for the settings (repeatable)")
+    provision.add_argument("--out", type=Path, required=True, help="folder for agent.yaml, the certificate and its private key (made 0700)")
+    provision.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the connection and for each answer (default 30)")
+    provision.set_defaults(handler=cmd_provision)
+
+
 def build_parser() -> Parser:
     from agent.settings import ModelSettings
 
@@ -211,6 +236,8 @@ def build_parser() -> Parser:
     bench.add_argument("--pick", action="store_true", help="with --backends: write the fastest backend that agrees with the reference into the --config settings file")
     add_setting_flags(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    add_provision_command(commands)
 
     settings = commands.add_parser("settings", help="print every setting: key, environment variable, default, meaning (Markdown)")
     settings.set_defaults(handler=cmd_settings)

@@ -83,3 +83,7 @@ def _reason(error: OSError) -> str:
         if blocker is not None:
             return f"{blocker} is a file, not a folder"
     return error.strerror or type(error).__name__
+
+
+class ProvisioningError(AgentError):
+    """Fleet provisioning by claim that could not finish: IoT Core unreachable, or the request rejected."""

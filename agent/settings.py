@@ -565,6 +565,25 @@ def _anchor(value: Any, folder: Path) -> Any:
     return str(path if path.is_absolute() else folder / path)
 
 
+# A provisioned device's folder: its settings file, certificate and private key (`edge-fleet provision` on
+# the operator's side, `edge-agent provision` by claim on the device's).
+SETTINGS_FILE = "agent.yaml"
+CERT_FILE = "device.pem.crt"
+KEY_FILE = "private.pem.key"
+
+
+def device_settings(thing: str, endpoint: str, *, cert: Path, key: Path, ca: Path, port: int = 8883, trusted_keys: list[Path] = ()) -> dict[str, Any]:
+    """The settings a provisioned device starts with (paths as they are on the device)."""
+    values: dict[str, Any] = {
+        "thing_name": thing,
+        "transport": "mqtt",
+        "mqtt": {"endpoint": endpoint, "port": port, "cert": str(cert), "key": str(key), "ca": str(ca)},
+    }
+    if trusted_keys:
+        values["model"] = {"trusted_keys": [str(path) for path in trusted_keys]}
+    return values
+
+
 def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
     """Defaults < settings file < EDGE_AGENT_* environment < command-line flags.
 

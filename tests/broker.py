@@ -23,6 +23,7 @@ import datetime
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -89,21 +90,24 @@ class Authority:
             .not_valid_after(now + datetime.timedelta(days=2))
         )
 
-    def issue(self, common_name: str, server: bool = False) -> Credentials:
-        """A key and certificate for `common_name`, written as PEM files next to the CA."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def certify(self, common_name: str, public_key, server: bool = False) -> bytes:
+        """A certificate (PEM) for `public_key` whose CN is `common_name`, signed by this CA."""
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        builder = self._builder(subject, key.public_key(), self.cert.subject).add_extension(
+        builder = self._builder(subject, public_key, self.cert.subject).add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
             )
-        cert = builder.sign(self.key, hashes.SHA256())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, server: bool = False) -> Credentials:
+        """A key and certificate for `common_name`, written as PEM files next to the CA."""
+        key = ec.generate_private_key(ec.SECP256R1())
         stem = f"{self.name}.{common_name}"
         credentials = Credentials(cert=self.folder / f"{stem}.crt.pem", key=self.folder / f"{stem}.key.pem")
-        credentials.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        credentials.cert.write_bytes(self.certify(common_name, key.public_key(), server))
         credentials.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         credentials.key.chmod(0o600)
         return credentials
@@ -137,21 +141,21 @@ def free_port() -> int:
 class Mosquitto:
     """One mosquitto process on a free port of 127.0.0.1: mutual TLS, identity = certificate CN, policy ACL."""
 
-    def __init__(self, folder: Path, pki: Pki, port: int | None = None):
+    def __init__(self, folder: Path, pki: Pki, port: int | None = None, extra_acl: str = ""):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.pki = pki
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
         self.log = folder / "mosquitto.log"
-        acl = folder / "acl"
-        acl.write_text(f"{POLICY_ACL.read_text()}\nuser {OBSERVER}\ntopic readwrite #\ntopic readwrite $aws/#\n")
+        self.acl = folder / "acl"
+        self.acl.write_text(f"{POLICY_ACL.read_text()}\n{extra_acl}\nuser {OBSERVER}\ntopic readwrite #\ntopic readwrite $aws/#\n")
         self.config = folder / "mosquitto.conf"
         run_as = "user root\n" if os.geteuid() == 0 else ""
         self.config.write_text(
             f"{run_as}persistence true\npersistence_location {folder}/\nallow_anonymous false\nper_listener_settings false\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
-            f"acl_file {acl}\n"
+            f"acl_file {self.acl}\n"
             f"listener {self.port} 127.0.0.1\nprotocol mqtt\n"
             f"cafile {pki.ca.path}\ncertfile {pki.server.cert}\nkeyfile {pki.server.key}\n"
             "require_certificate true\nuse_identity_as_username true\n"
@@ -169,6 +173,13 @@ class Mosquitto:
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout_s} s")
+
+    def grant(self, username: str, rules: str) -> None:
+        """Add an identity's ACL rules and have mosquitto reload them (SIGHUP), as IoT Core attaches a policy."""
+        with self.acl.open("a") as acl:
+            acl.write(f"\nuser {username}\n{rules}\n")
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

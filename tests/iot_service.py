@@ -7,8 +7,16 @@ TerminalStateReached, ResourceNotFound; shadow 404 and 409), notify-next when a 
 execution changes, and shadow delta/documents. The operator's side (queue or cancel a job, set desired
 state) is a method call. See /work/shared/reference/aws-iot-protocols.md.
 
+A job for many things (`create_job`) is rolled out as IoT Jobs does with CreateJob's own settings:
+`jobExecutionsRolloutConfig` paces the notifications (exponentialRate from baseRatePerMinute, times
+incrementFactor each time numberOfNotifiedThings/numberOfSucceededThings more were reached, at most
+maximumPerMinute), and `abortConfig` cancels the job once at least minNumberOfExecutedThings finished and the
+share of failures of the criterion's type reaches thresholdPercentage: things not yet notified never are,
+QUEUED executions become CANCELED, IN_PROGRESS ones finish.
+
     with IotService(broker, pki) as service:
         service.queue_job("my-thing", "job-1", {"operation": "model-update", ...})
+        rollout = service.create_job("job-2", things, document_for, Rollout(...).job_configuration())
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from broker import STOPPED_CLIENTS, Mosquitto, Observer, Pki
 
 TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
+FAILURE_TYPES = {"FAILED": {"FAILED"}, "REJECTED": {"REJECTED"}, "TIMED_OUT": {"TIMED_OUT"}, "ALL": {"FAILED", "REJECTED", "TIMED_OUT"}}
 DEVICE_MAY_SET = {"IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"}
 
 
@@ -96,6 +105,22 @@ def stamps(changes: dict, at: int) -> dict:
     return {k: stamps(v, at) if isinstance(v, dict) else {"timestamp": at} for k, v in changes.items()}
 
 
+@dataclass
+class RolloutJob:
+    """A job for many things, notified at the rollout's rate until done or aborted (see the module docstring)."""
+
+    job_id: str
+    things: list[str]
+    document_for: Callable[[str], dict]
+    configuration: dict
+    status: str = "IN_PROGRESS"
+    notified_at: dict[str, float] = field(default_factory=dict)  # thing -> time.monotonic() of its notification
+    rates: list[float] = field(default_factory=list)  # notifications per minute, each step
+    abort_reason: str | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class IotService(Observer):
     """IoT Jobs + classic Device Shadow for any thing, over the test broker (the all-topics identity)."""
 
@@ -105,6 +130,8 @@ class IotService(Observer):
         self.shadows: dict[str, Shadow] = {}
         self._lock = threading.RLock()
         self._order = 0
+        self.jobs: dict[str, RolloutJob] = {}
+        self._closed = False
 
     def __enter__(self) -> "IotService":
         super().__enter__()
@@ -113,6 +140,9 @@ class IotService(Observer):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closed = True
+        for job in self.jobs.values():
+            job.wake.set()
         super().__exit__(*exc)
         STOPPED_CLIENTS.append(self.client)
 
@@ -126,6 +156,82 @@ class IotService(Observer):
             self.executions.setdefault(thing, {})[job_id] = execution
             self._notify_if_changed(thing, before)
             return execution
+
+    def create_job(self, job_id: str, things: list[str], document_for: Callable[[str], dict], configuration: dict) -> RolloutJob:
+        """CreateJob for `things` (a group's members, in order) with CreateJob's rollout and abort settings."""
+        job = RolloutJob(job_id, list(things), document_for, configuration)
+        self.jobs[job_id] = job
+        threading.Thread(target=self._roll_out, args=(job,), name=f"rollout-{job_id}", daemon=True).start()
+        return job
+
+    def _roll_out(self, job: RolloutJob) -> None:
+        rollout = job.configuration.get("jobExecutionsRolloutConfig") or {}
+        exponential = rollout.get("exponentialRate")
+        maximum = rollout.get("maximumPerMinute", 1000)
+        rate = min(exponential["baseRatePerMinute"], maximum) if exponential else maximum
+        criteria = (exponential or {}).get("rateIncreaseCriteria") or {}
+        job.rates.append(rate)
+        since_step = {"notified": 0, "succeeded": self._succeeded(job)}
+        next_at = time.monotonic()
+        for thing in job.things:
+            while (delay := next_at - time.monotonic()) > 0 and not self._stopping(job):
+                job.wake.wait(delay)
+            if self._stopping(job):
+                break
+            with self._lock:
+                if job.status != "IN_PROGRESS":
+                    break
+                self.queue_job(thing, job.job_id, job.document_for(thing))
+                job.notified_at[thing] = time.monotonic()
+            since_step["notified"] += 1
+            if exponential and rate < maximum and (
+                ("numberOfNotifiedThings" in criteria and since_step["notified"] >= criteria["numberOfNotifiedThings"])
+                or ("numberOfSucceededThings" in criteria and self._succeeded(job) - since_step["succeeded"] >= criteria["numberOfSucceededThings"])
+            ):
+                rate = min(rate * exponential["incrementFactor"], maximum)
+                job.rates.append(rate)
+                since_step = {"notified": 0, "succeeded": self._succeeded(job)}
+            next_at = max(next_at + 60.0 / rate, time.monotonic() - 1.0)
+        job.done.set()
+        self._settle(job)
+
+    def notified(self, job_id: str) -> dict[str, float]:
+        """Thing -> when the job reached it (time.monotonic()), so far."""
+        with self._lock:
+            return dict(self.jobs[job_id].notified_at)
+
+    def statuses(self, job_id: str) -> dict[str, str]:
+        """Thing -> status of its execution of the job, for the things it reached so far (one short lock hold:
+        a watcher polling this must not starve the devices' requests)."""
+        with self._lock:
+            return {thing: self.executions[thing][job_id].status for thing in self.jobs[job_id].notified_at}
+
+    def _stopping(self, job: RolloutJob) -> bool:
+        return job.status != "IN_PROGRESS" or self._closed
+
+    def _succeeded(self, job: RolloutJob) -> int:
+        with self._lock:
+            return sum(self.executions[t][job.job_id].status == "SUCCEEDED" for t in job.notified_at)
+
+    def _judge(self, job: RolloutJob) -> None:
+        """After an execution finished: abort by the job's criteria, or complete it when every thing is done."""
+        finished = [self.executions[t][job.job_id].status for t in job.notified_at if self.executions[t][job.job_id].status in TERMINAL]
+        for criterion in (job.configuration.get("abortConfig") or {}).get("criteriaList", []):
+            failures = sum(status in FAILURE_TYPES[criterion["failureType"]] for status in finished)
+            if len(finished) >= criterion["minNumberOfExecutedThings"] and 100.0 * failures / len(finished) >= criterion["thresholdPercentage"]:
+                job.status = "CANCELED"
+                job.abort_reason = f"{failures} of {len(finished)} executed things failed ({criterion['failureType']}), at or over {criterion['thresholdPercentage']}%"
+                for thing in job.notified_at:
+                    if self.executions[thing][job.job_id].status == "QUEUED":
+                        self.cancel_job(thing, job.job_id)
+                job.wake.set()
+                return
+        self._settle(job)
+
+    def _settle(self, job: RolloutJob) -> None:
+        with self._lock:
+            if job.status == "IN_PROGRESS" and job.done.is_set() and all(self.executions[t][job.job_id].status in TERMINAL for t in job.notified_at):
+                job.status = "COMPLETED"
 
     def cancel_job(self, thing: str, job_id: str) -> None:
         with self._lock:
@@ -143,9 +249,10 @@ class IotService(Observer):
         with self._lock:
             self._shadow_update(thing, {"state": {"desired": desired}})
 
-    def execution(self, thing: str, job_id: str) -> Execution:
+    def execution(self, thing: str, job_id: str) -> Execution | None:
+        """A copy of the thing's execution of the job; None if the job never reached it."""
         with self._lock:
-            return copy.deepcopy(self.executions[thing][job_id])
+            return copy.deepcopy(self.executions.get(thing, {}).get(job_id))
 
     # -- requests from devices -------------------------------------------------------------------------------
 
@@ -256,6 +363,8 @@ class IotService(Observer):
             payload["jobDocument"] = execution.document
         self._accept(topic, request, payload)
         self._notify_if_changed(thing, before)
+        if job_id in self.jobs and execution.status in TERMINAL:
+            self._judge(self.jobs[job_id])
 
     # -- Shadow ----------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """`edge-fleet` against an AWS stand-in: moto in server mode for the IoT control plane, S3 and iot-data
-shadows, the real CLI as a process. Greengrass v2 (which moto lacks) and fleet-indexing connectivity (which
-moto fakes as always connected) are checked as recorded request/response shapes with botocore's Stubber.
+shadows, the real CLI as a process. Greengrass v2 (which moto lacks) and fleet indexing (moto's SearchIndex
+has no paging, no classic shadow and fakes connectivity; it lacks GetStatistics and GetBucketsAggregation)
+are checked as recorded request/response shapes with botocore's Stubber.
 """
 
 from __future__ import annotations
@@ -268,6 +269,7 @@ def test_fleet_status_table_counts_versions_and_fails_on_a_failed_device(aws, tm
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["versions"] == {"0.9.0": 1, "1.0.0": 2}
+    assert report["source"] == "per-device"  # moto starts with fleet indexing off
     assert [(d["thing"], d["model_version"], d["job_status"]) for d in report["devices"]] == [
         ("device-1", "1.0.0", "SUCCEEDED"),
         ("device-2", "1.0.0", "SUCCEEDED"),
@@ -284,24 +286,27 @@ def test_fleet_status_table_counts_versions_and_fails_on_a_failed_device(aws, tm
     assert lines[-1] == "3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 1"
 
 
-def test_fleet_status_watch_redraws_until_the_rollout_settles(aws, tmp_path):
+def test_fleet_status_watch_shows_the_rollouts_progress_until_it_settles(aws, tmp_path):
     job = _fleet_of_three(aws, tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.fleet", "fleet", "status", "--group", "line-a", "--watch", "--interval", "0.2", "--endpoint-url", aws],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=agent_env(), cwd=REPO,
     )
     try:
-        first = [process.stdout.readline() for _ in range(5)]
-        assert first[0].startswith("edge-fleet status --group line-a") and "QUEUED" in first[4]
-        for n in (1, 2, 3):
-            set_job_execution(job, f"device-{n}", "SUCCEEDED")
+        first = process.stdout.read(1)  # unbuffered: the bar is drawn, so the rollout had not settled yet
+        set_job_execution(job, "device-1", "SUCCEEDED")
+        set_job_execution(job, "device-2", "SUCCEEDED")
+        set_job_execution(job, "device-3", "FAILED", {"reason": "SHA256_MISMATCH", "message": "download does not match its sha256"})
         rest, _ = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 0
-    frames = ("".join(first) + rest).count("edge-fleet status --group line-a")
-    assert frames >= 2
-    assert rest.rstrip().endswith("3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 0")
+    output = (first + rest).decode()
+    assert process.returncode == 1, output  # a device failed
+    frames = output.replace("\r", "\n").splitlines()
+    bars = [frame for frame in frames if frame.startswith(f"rollout {job}")]
+    assert "0/3" in bars[0] and "queued 3" in bars[0]
+    assert "3/3" in bars[-1] and "succeeded 2 failed 1" in bars[-1] and "models 0.9.0: 1, 1.0.0: 2" in bars[-1]
+    assert frames[-2:] == ["device-3: FAILED SHA256_MISMATCH download does not match its sha256", "3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 1"]
 
 
 def test_one_device_is_counted_as_one_device(aws, tmp_path):
@@ -498,17 +503,100 @@ def test_greengrass_access_denied_is_one_line_naming_the_call(fleet_aws):
     assert str(caught.value) == "AWS greengrassv2 ListDeployments failed: AccessDeniedException: not authorized; check the credentials in use and that their IAM policy allows greengrassv2:ListDeployments"
 
 
-def test_status_uses_fleet_indexing_connectivity_when_enabled(fleet_aws):
-    from agent.fleet.status import connectivity
+def _indexed_thing(n: int, version: str) -> dict:
+    shadow = {"reported": {"model": {"name": "mnist-int8", "version": version}}, "metadata": {"reported": {"model": {"version": {"timestamp": 1_790_000_000 + n}}}}, "version": 3, "hasDelta": False}
+    return {"thingName": f"cam-{n:04d}", "shadow": json.dumps(shadow), "connectivity": {"connected": n % 100 != 7, "timestamp": 1_790_000_500_000}}
 
+
+def _execution(n: int, status: str) -> dict:
+    return {"thingArn": f"arn:aws:iot:{REGION}:123456789012:thing/cam-{n:04d}", "jobExecutionSummary": {"status": status, "executionNumber": 1}}
+
+
+FLEET = 1200
+INDEXED = {"thingIndexingConfiguration": {"thingIndexingMode": "REGISTRY_AND_SHADOW", "thingConnectivityIndexingMode": "STATUS"}}
+
+
+def test_status_at_scale_reads_fleet_indexing_one_request_per_page(fleet_aws):
+    """1,200 devices: 3 SearchIndex pages, 5 execution pages, one DescribeJobExecution per failure; not 3,600 requests."""
+    from agent.fleet.status import fleet_status
+
+    versions = {n: "2.0.0" if n < 1150 else "1.0.0" for n in range(FLEET)}
+    statuses = {n: "SUCCEEDED" if n < 1150 else ("FAILED" if n < 1152 else "IN_PROGRESS") for n in range(FLEET)}
+    group = {"thingGroupName": "line-a"}
     with Stubber(fleet_aws.client("iot")) as stub:
-        page = {"things": [{"thingName": "device-1", "connectivity": {"connected": False, "timestamp": 1_790_000_000_000, "disconnectReason": "CONNECTION_LOST"}}]}
-        stub.add_response("search_index", {**page, "nextToken": "t"}, {"queryString": "thingGroupNames:line-a"})
-        stub.add_response("search_index", {"things": [{"thingName": "device-2", "connectivity": {"connected": True}}]}, {"queryString": "thingGroupNames:line-a", "nextToken": "t"})
-        found = connectivity(fleet_aws, "line-a")
-        stub.add_client_error("search_index", "IndexNotReadyException", "index not enabled", 400)
-        assert connectivity(fleet_aws, "line-a") == {}
-    assert found == {"device-1": page["things"][0]["connectivity"], "device-2": {"connected": True}}
+        stub.add_response("describe_thing_group", {"thingGroupName": "line-a"}, group)
+        stub.add_response("get_indexing_configuration", INDEXED, {})
+        for page, start in enumerate(range(0, FLEET, 500)):
+            reply = {"things": [_indexed_thing(n, versions[n]) for n in range(start, min(start + 500, FLEET))]}
+            if start + 500 < FLEET:
+                reply["nextToken"] = f"t{page + 1}"
+            stub.add_response("search_index", reply, {"queryString": "thingGroupNames:line-a", "maxResults": 500, **({"nextToken": f"t{page}"} if page else {})})
+        stub.add_response("list_jobs", {"jobs": [{"jobId": "old", "createdAt": 1}, {"jobId": "rollout-2", "createdAt": 2}]}, group)
+        for page, start in enumerate(range(0, FLEET, 250)):
+            reply = {"executionSummaries": [_execution(n, statuses[n]) for n in range(start, min(start + 250, FLEET))]}
+            if start + 250 < FLEET:
+                reply["nextToken"] = f"e{page + 1}"
+            stub.add_response("list_job_executions_for_job", reply, {"jobId": "rollout-2", "maxResults": 250, **({"nextToken": f"e{page}"} if page else {})})
+        for n in (1150, 1151):
+            details = {"detailsMap": {"reason": "SHA256_MISMATCH", "message": "download does not match its sha256"}}
+            stub.add_response("describe_job_execution", {"execution": {"jobId": "rollout-2", "status": "FAILED", "statusDetails": details}}, {"jobId": "rollout-2", "thingName": f"cam-{n:04d}"})
+        status = fleet_status(fleet_aws, "line-a")
+        stub.assert_no_pending_responses()
+    assert status.source == "fleet-index"
+    assert len(status.devices) == FLEET and status.versions == {"1.0.0": 50, "2.0.0": 1150}
+    assert [(d.thing, d.reason) for d in status.failed] == [("cam-1150", "SHA256_MISMATCH download does not match its sha256"), ("cam-1151", "SHA256_MISMATCH download does not match its sha256")]
+    device = status.devices[7]
+    assert (device.thing, device.job_id, device.job_status, device.connected, device.last_seen) == ("cam-0007", "rollout-2", "SUCCEEDED", False, "2026-09-21T14:21:40Z")  # its disconnect, newer than its shadow
+
+
+def test_status_falls_back_device_by_device_when_the_index_is_not_ready(fleet_aws):
+    from agent.fleet.status import fleet_status
+
+    with Stubber(fleet_aws.client("iot")) as iot, Stubber(fleet_aws.client("iot-data")) as data:
+        iot.add_response("get_indexing_configuration", INDEXED, {})
+        iot.add_client_error("search_index", "IndexNotReadyException", "index is being rebuilt", 400)
+        iot.add_response("list_things", {"things": [{"thingName": "cam-0001"}]}, {})
+        data.add_client_error("get_thing_shadow", "ResourceNotFoundException", "No shadow exists", 404)
+        iot.add_response("list_job_executions_for_thing", {"executionSummaries": []}, {"thingName": "cam-0001"})
+        status = fleet_status(fleet_aws, None)
+        iot.assert_no_pending_responses()
+    assert status.source == "per-device" and [d.thing for d in status.devices] == ["cam-0001"]
+
+
+def test_watch_with_fleet_indexing_asks_only_for_counts(fleet_aws):
+    import io
+
+    from agent.fleet.status import watch
+
+    def counts(succeeded: int, failed: int, in_progress: int, queued: int) -> dict:
+        return {"numberOfSucceededThings": succeeded, "numberOfFailedThings": failed, "numberOfInProgressThings": in_progress, "numberOfQueuedThings": queued}
+
+    query = {"queryString": "thingGroupNames:line-a"}
+    out = io.StringIO()
+    with Stubber(fleet_aws.client("iot")) as stub:
+        stub.add_response("describe_thing_group", {"thingGroupName": "line-a"}, {"thingGroupName": "line-a"})
+        stub.add_response("get_indexing_configuration", INDEXED, {})
+        stub.add_response("list_jobs", {"jobs": [{"jobId": "rollout-2", "createdAt": 2}]}, {"thingGroupName": "line-a"})
+        for version_counts, process, job_status in (
+            ([("1.0.0", 3000)], counts(0, 0, 10, 40), "IN_PROGRESS"),
+            ([("2.0.0", 2997), ("1.0.0", 3)], counts(2997, 3, 0, 0), "COMPLETED"),
+        ):
+            stub.add_response("get_statistics", {"statistics": {"count": 3000}}, query)
+            buckets = {"buckets": [{"keyValue": version, "count": count} for version, count in version_counts]}
+            stub.add_response("get_buckets_aggregation", buckets, {**query, "aggregationField": "shadow.reported.model.version", "bucketsAggregationType": {"termsAggregation": {"maxBuckets": 20}}})
+            stub.add_response("describe_job", {"job": {"jobId": "rollout-2", "status": job_status, "jobProcessDetails": process}}, {"jobId": "rollout-2"})
+        stub.add_response("search_index", {"things": [_indexed_thing(n, "2.0.0" if n > 2 else "1.0.0") for n in range(3000)]}, {**query, "maxResults": 500})
+        stub.add_response("list_job_executions_for_job", {"executionSummaries": [_execution(n, "FAILED" if n < 3 else "SUCCEEDED") for n in range(3000)]}, {"jobId": "rollout-2", "maxResults": 250})
+        for n in range(3):
+            stub.add_response("describe_job_execution", {"execution": {"status": "FAILED", "statusDetails": {"detailsMap": {"reason": "SHA256_MISMATCH"}}}}, {"jobId": "rollout-2", "thingName": f"cam-{n:04d}"})
+        status = watch(fleet_aws, "line-a", 0.01, out=out)
+        stub.assert_no_pending_responses()
+    frames = out.getvalue().replace("\r", "\n").splitlines()
+    bars = [frame for frame in frames if frame.startswith("rollout rollout-2")]
+    assert "in progress 10 queued 40 | models 1.0.0: 3000" in bars[0] and "0/3000" in bars[0]
+    assert "3000/3000" in bars[-1] and "succeeded 2997 failed 3 | models 1.0.0: 3, 2.0.0: 2997" in bars[-1]
+    assert frames[-4:] == ["cam-0000: FAILED SHA256_MISMATCH", "cam-0001: FAILED SHA256_MISMATCH", "cam-0002: FAILED SHA256_MISMATCH", "3000 devices; models 1.0.0: 3, 2.0.0: 2997; failed: 3"]
+    assert len(status.failed) == 3
 
 
 def test_every_command_has_help():

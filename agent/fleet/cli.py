@@ -17,6 +17,7 @@ from agent.bundles.signing import DEFAULT_PRIVATE_KEY
 from agent.command_line import Parser
 from agent.errors import AgentError
 from agent.fleet.cloud_commands import (
+    add_cloud_commands,
     add_fleet_commands,
     add_job_commands,
     add_provision_command,
@@ -81,7 +82,7 @@ def add_model_group(commands: Subcommands) -> None:
 # `edge-fleet model ...`: functions adding subcommands to the model group.
 MODEL: list[Callable[[Subcommands], None]] = [add_bundle_commands, add_release_commands]
 # `edge-fleet ...`: functions adding top-level commands or groups.
-TOP_LEVEL: list[Callable[[Subcommands], None]] = [add_model_group, add_provision_command, add_fleet_commands, add_job_commands]
+TOP_LEVEL: list[Callable[[Subcommands], None]] = [add_cloud_commands, add_model_group, add_provision_command, add_fleet_commands, add_job_commands]
 
 
 def build_parser() -> Parser:

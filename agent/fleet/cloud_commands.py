@@ -1,5 +1,5 @@
-"""Argument parsing for the `edge-fleet` commands that talk to AWS: provision, model publish|rollback,
-fleet status, job cancel. Registered in agent/fleet/cli.py; the work is in provision, publish, rollout and
+"""Argument parsing for the `edge-fleet` commands that talk to AWS: cloud deploy|claim, provision, model
+publish|rollback, fleet status, job cancel. Registered in agent/fleet/cli.py; the work is in provision, publish, rollout and
 status. boto3 is imported only when a command runs, so `--help` stays instant.
 """
 
@@ -144,9 +144,9 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
     aws = make_aws(args)
     if args.watch:
-        status = watch(aws, args.group, args.interval)
+        status = watch(aws, args.group, args.interval, args.job)
     else:
-        status = fleet_status(aws, args.group)
+        status = fleet_status(aws, args.group, args.job)
         print(json.dumps(status.as_json(), indent=2) if args.json else render(status, sys.stdout.isatty()))
     return 1 if status.failed else 0
 
@@ -156,6 +156,40 @@ def cmd_job_cancel(args: argparse.Namespace) -> int:
 
     aws = make_aws(args)
     return report(aws, cancel_job(aws, args.job_id, force=args.force))
+
+
+def cmd_cloud_deploy(args: argparse.Namespace) -> int:
+    from agent.fleet.cloud import deploy, parse_parameters
+
+    aws = make_aws(args)
+    return report(aws, deploy(aws, args.stack, args.template, parse_parameters(args.parameter or []), fleet_indexing=args.fleet_indexing, poll_s=args.poll))
+
+
+def cmd_cloud_claim(args: argparse.Namespace) -> int:
+    from agent.fleet.cloud import make_claim
+
+    aws = make_aws(args)
+    return report(aws, make_claim(aws, args.stack, args.out))
+
+
+def add_cloud_commands(commands: Subcommands) -> None:
+    from agent.fleet.cloud import DEFAULT_TEMPLATE
+
+    cloud = command_group(commands, "cloud", "the cloud side as one CloudFormation stack")
+    deploy = cloud.add_parser("deploy", help="create or update the stack (deploy/cloudformation/edge-agent.yaml), wait, print what devices need")
+    deploy.add_argument("--stack", required=True, help="CloudFormation stack name (also prefixes the policy, role alias and log group names)")
+    deploy.add_argument("--template", type=Path, default=DEFAULT_TEMPLATE, help="template file (default deploy/cloudformation/edge-agent.yaml)")
+    deploy.add_argument("--parameter", action="append", metavar="KEY=VALUE", help="template parameter, e.g. ThingGroupName=line-a (repeatable)")
+    deploy.add_argument("--fleet-indexing", action="store_true", help="also turn on fleet indexing (registry, shadow, connectivity) for `fleet status` at scale")
+    deploy.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
+    add_aws_options(deploy, changes=True)
+    deploy.set_defaults(handler=cmd_cloud_deploy)
+
+    claim = cloud.add_parser("claim", help="make the claim certificate devices ship with (the stack's claim policy attached)")
+    claim.add_argument("--stack", required=True, help="the stack `cloud deploy` made")
+    claim.add_argument("--out", type=Path, required=True, help="folder for claim.pem.crt, claim.pem.key (0600) and the root CA")
+    add_aws_options(claim, changes=True)
+    claim.set_defaults(handler=cmd_cloud_claim)
 
 
 def add_provision_command(commands: Subcommands) -> None:
@@ -201,9 +235,10 @@ def command_group(commands: Subcommands, name: str, help_text: str) -> Subcomman
 
 
 def add_fleet_commands(commands: Subcommands) -> None:
-    status = command_group(commands, "fleet", "watch the fleet").add_parser("status", help="every device's model version, last job and last seen; exit 1 if any failed")
+    status = command_group(commands, "fleet", "watch the fleet").add_parser("status", help="every device's model version, job status and last seen (from fleet indexing when on); exit 1 if any failed")
     status.add_argument("--group", help="only this thing group (default: every thing)")
-    status.add_argument("--watch", action="store_true", help="redraw until no job is queued or running")
+    status.add_argument("--job", help="the rollout to report on (default: the newest job aimed at the group)")
+    status.add_argument("--watch", action="store_true", help="a progress bar of the rollout's counts until it settles, then its failures")
     status.add_argument("--interval", type=float, default=5.0, help="seconds between redraws (default 5)")
     status.add_argument("--json", action="store_true", help="print JSON instead of the table")
     add_aws_options(status, changes=False)

@@ -18,13 +18,10 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.fleet.aws import Aws
-from agent.settings import AMAZON_ROOT_CA, SHIPPED, validate_settings
+from agent.settings import AMAZON_ROOT_CA, CERT_FILE, KEY_FILE, SETTINGS_FILE, SHIPPED, device_settings, validate_settings
 
 DEFAULT_POLICY_FILE = SHIPPED / "iot-policy.json"  # deploy/iot/policy.json, shipped in the package
 DEFAULT_POLICY_NAME = "edge-agent"
-SETTINGS_FILE = "agent.yaml"
-CERT_FILE = "device.pem.crt"
-KEY_FILE = "private.pem.key"
 CA_FILE = "AmazonRootCA1.pem"
 ARN_PLACEHOLDER = "arn:aws:iot:REGION:ACCOUNT_ID:"
 
@@ -41,28 +38,21 @@ def policy_document(path: Path, region: str, account: str) -> str:
     return text.replace(ARN_PLACEHOLDER, f"arn:aws:iot:{region}:{account}:")
 
 
-def device_settings(thing: str, endpoint: str, device_dir: Path | None, trusted_keys: list[str]) -> dict[str, Any]:
+def settings_for(thing: str, endpoint: str, device_dir: Path | None, trusted_keys: list[str]) -> dict[str, Any]:
     """The agent settings a provisioned device starts with: file names relative to the settings file, or
     absolute under `device_dir` when given."""
     folder = device_dir or Path()
-    values: dict[str, Any] = {
-        "thing_name": thing,
-        "transport": "mqtt",
-        "mqtt": {"endpoint": endpoint, "port": 8883, "cert": str(folder / CERT_FILE), "key": str(folder / KEY_FILE), "ca": str(folder / CA_FILE)},
-    }
-    if trusted_keys:
-        values["model"] = {"trusted_keys": [str(folder / name) for name in trusted_keys]}
-    return values
+    return device_settings(thing, endpoint, cert=folder / CERT_FILE, key=folder / KEY_FILE, ca=folder / CA_FILE, trusted_keys=[folder / name for name in trusted_keys])
 
 
-def _prepare_out(out: Path, names: list[str]) -> None:
+def refuse_existing(out: Path, names: list[str]) -> None:
     """Refuse to overwrite an earlier device's files: a private key is never replaced."""
     for name in names:
         if (out / name).exists():
             raise ConfigError(f"--out {out}: {name} already exists; choose an empty folder (credentials are never overwritten)")
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as stream:
         stream.write(data)
@@ -89,8 +79,8 @@ def provision(
             raise ConfigError(f"--trusted-key {key}: no such file; pass the public key (.pub) that signs your models")
     files = [SETTINGS_FILE, CERT_FILE, KEY_FILE, CA_FILE, *(key.name for key in keys)]
     # Check the settings (thing name included) before any AWS call, with the endpoint still unknown.
-    validate_settings(device_settings(thing, "endpoint.invalid", device_dir, [key.name for key in keys]), "provision")
-    _prepare_out(out, files)
+    validate_settings(settings_for(thing, "endpoint.invalid", device_dir, keys), "provision")
+    refuse_existing(out, files)
 
     account = aws.call("sts", "get_caller_identity")["Account"]
     document = policy_document(policy_file, aws.region, account)
@@ -109,7 +99,7 @@ def provision(
     aws.call("iot", "attach_thing_principal", thingName=thing, principal=certificate_arn)
     endpoint = aws.call("iot", "describe_endpoint", endpointType="iot:Data-ATS")["endpointAddress"]
 
-    settings = device_settings(thing, endpoint, device_dir, [key.name for key in keys])
+    settings = settings_for(thing, endpoint, device_dir, keys)
     validate_settings(settings, "provision")
     summary = {
         "thing": thing,
@@ -125,10 +115,10 @@ def provision(
 
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    _write(out / KEY_FILE, credentials["keyPair"]["PrivateKey"].encode(), 0o600)
-    _write(out / CERT_FILE, credentials["certificatePem"].encode(), 0o644)
-    _write(out / CA_FILE, AMAZON_ROOT_CA.read_bytes(), 0o644)
+    write_file(out / KEY_FILE, credentials["keyPair"]["PrivateKey"].encode(), 0o600)
+    write_file(out / CERT_FILE, credentials["certificatePem"].encode(), 0o644)
+    write_file(out / CA_FILE, AMAZON_ROOT_CA.read_bytes(), 0o644)
     for key in keys:
-        _write(out / key.name, key.read_bytes(), 0o644)
-    _write(out / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False).encode(), 0o600)
+        write_file(out / key.name, key.read_bytes(), 0o644)
+    write_file(out / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False).encode(), 0o600)
     return summary
