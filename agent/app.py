@@ -134,7 +134,7 @@ def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
     """Health, the watchdog and, if enabled, the live view server (/metrics, /healthz) around a running pipeline."""
     health = Health(pipeline, settings.watchdog.stale_after_s)
     metrics = Metrics(pipeline, settings.transport, health)
-    pipeline.add_update_listener(lambda outcome: metrics.count_update(outcome.status.value, outcome.reason))
+    pipeline.add_update_listener(metrics.on_update)
     server = LiveViewServer(pipeline, settings.liveview, metrics, health).start() if settings.liveview.enabled else None
     if server is not None:
         pipeline.add_observer(metrics)

@@ -109,6 +109,28 @@ class StatusMessage(Envelope):
     outbox_dropped: int = Field(0, ge=0, description="messages the outbox dropped this run (full, too old, or refused for good)")
 
 
+class ShadowFigures(Message):
+    """How a candidate running in shadow compares with the serving model, so far or in the end.
+
+    Per prediction: boxes are matched at IoU 0.5 (a classifier's single prediction is its top-1), and a
+    prediction agrees when its match has the same label. `agreement` is agreeing predictions over the larger
+    of the two models' prediction counts, summed over the frames evaluated.
+    """
+
+    candidate: ModelRef
+    state: Literal["running", "succeeded", "failed", "promoted"]
+    frames: int = Field(ge=0, description="frames the candidate evaluated")
+    frames_served: int = Field(ge=0, description="frames the serving model served meanwhile")
+    frames_skipped: int = Field(ge=0, description="sampled frames not evaluated: the candidate was busy or over its CPU budget")
+    agreement: float | None = Field(None, ge=0.0, le=1.0)
+    box_match: float | None = Field(None, ge=0.0, le=1.0, description="predictions with a counterpart at IoU 0.5 (classifier: always 1)")
+    label_agreement: float | None = Field(None, ge=0.0, le=1.0, description="of the matched predictions, those with the same label")
+    score_drift: float | None = Field(None, description="mean candidate score minus serving score, over matched predictions")
+    latency_ratio: float | None = Field(None, ge=0.0, description="candidate median time per frame over the serving model's")
+    elapsed_s: float = Field(ge=0)
+    reason: str | None = None
+
+
 class MetricsMessage(Envelope):
     kind: Literal["metrics"] = "metrics"
     interval_s: float
@@ -122,6 +144,7 @@ class MetricsMessage(Envelope):
     latency_p99_ms: float
     outbox_depth: int = 0
     outbox_dropped: int = 0
+    shadow: ShadowFigures | None = Field(None, description="a candidate model's shadow evaluation, while one runs and when it ends")
 
 
 class Batch(Message):

@@ -356,6 +356,20 @@ class GreengrassSettings(Section):
     )
 
 
+class ShadowSettings(Section):
+    """A candidate model run beside the serving one on live frames (a job document in shadow mode, or the
+    Greengrass configuration's `shadow.candidate`); job document values override these."""
+
+    candidate: Path | None = Field(None, description="(Greengrass) bundle directory or .zip to evaluate in shadow; null: none. Set model.bundle to the same path to promote it")
+    frames: int = Field(300, ge=1, description="evaluation ends after this many frames evaluated by the candidate")
+    seconds: float = Field(600.0, gt=0, description="evaluation ends after this long, however many frames were evaluated")
+    every_nth: int = Field(3, ge=1, description="the candidate sees every Nth frame the serving model serves")
+    cpu_budget: float = Field(0.5, gt=0, le=8, description="most CPU the candidate may use, in cores (0.5: half of one); frames beyond it are skipped and counted")
+    stall_s: float = Field(10.0, gt=0, description="a candidate busy with one frame for this long has stalled: the evaluation fails")
+    promote_at: float | None = Field(None, ge=0.0, le=1.0, description="promote the candidate when its agreement reaches this (null: only when told)")
+    nice: int = Field(10, ge=0, le=19, description="how much lower the candidate thread's scheduling priority is than the serving model's (Linux nice)")
+
+
 class Settings(Section):
     """The whole agent configuration."""
 
@@ -378,6 +392,7 @@ class Settings(Section):
     updates: UpdateSettings = UpdateSettings()
     greengrass: GreengrassSettings = GreengrassSettings()
     log: LogSettings = LogSettings()
+    shadow: ShadowSettings = ShadowSettings()
 
     @field_validator("state_dir", mode="after")
     @classmethod
