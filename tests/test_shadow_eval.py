@@ -11,6 +11,8 @@ import json
 
 import pytest
 from broker import mosquitto, pki  # noqa: F401 (fixtures)
+from conftest import REPO
+from test_greengrass_ipc import greengrass, model_1_0_1  # noqa: F401 (fixtures)
 from test_jobs import THING, device, link, service, wait_terminal  # noqa: F401 (fixtures)
 from test_updates import _faint_golden, _float_model
 from update_helpers import (  # noqa: F401 (fixtures)
@@ -26,7 +28,7 @@ from update_helpers import (  # noqa: F401 (fixtures)
 
 from agent.bundles.document import Status
 from agent.errors import Reason
-from agent.messages import Box, Prediction
+from agent.messages import Box, Prediction, unbatch
 from agent.observe.metrics import Health, Metrics
 from agent.updates.manager import Stage
 from agent.updates.shadow import compare
@@ -182,3 +184,28 @@ def test_classifiers_compare_their_top_one():
     assert compare([plain("4", 0.9), plain("1", 0.2)], [plain("4", 0.6)]).agreed == 1
     assert compare([plain("4", 0.9)], [plain("5", 0.9)]).agreed == 0
     assert compare([plain("4", 0.9)], []).agreed == 0
+
+
+def test_greengrass_configuration_runs_a_candidate_in_shadow_then_promotes_it(greengrass, model_1_0_1):
+    from test_greengrass_ipc import STATUS, THING as GG_THING, sample
+
+    candidate, test_key = model_1_0_1
+    component = greengrass({**sample(loop=True, pace_fps=30), "publish_empty": True, "updates": {"health_frames": 5}})
+    nucleus = component.nucleus
+    nucleus.wait_for(lambda: component.results())
+    trusted = [str(REPO / "models" / "keys" / "dev-signing.pub"), str(test_key)]
+    nucleus.update_configuration({"model": {"trusted_keys": trusted}, "shadow": {"candidate": str(candidate), "frames": 15, "every_nth": 3}})
+
+    metrics = f"edge/{GG_THING}/metrics"
+    finished = lambda: [m["shadow"] for p in nucleus.published_to(metrics) for m in unbatch(p.payload) if m.get("shadow", {}).get("state") == "succeeded"]  # noqa: E731
+    [figures] = nucleus.wait_for(finished)
+    assert (figures["candidate"]["version"], figures["frames"], figures["agreement"]) == ("1.0.1", 15, 1.0)
+    assert {r["model"]["version"] for r in component.results()} == {SERVING}  # the candidate published nothing
+    frames = [r["frame"] for r in component.results()]
+    assert frames == list(range(frames[0], frames[0] + len(frames))), "a served frame was lost during the shadow run"
+
+    nucleus.update_configuration({"model": {"bundle": str(candidate)}})  # promote: the same bundle, now served
+    nucleus.wait_for(lambda: [m for m in nucleus.published_to(STATUS) if m.json()["model"]["version"] == "1.0.1"])
+    code, stderr = component.stop()
+    assert code == 0, stderr
+    assert not nucleus.denied

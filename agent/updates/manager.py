@@ -240,11 +240,13 @@ class UpdateManager:
         pipeline.add_observer(manager.shadow_tap)
         return manager
 
-    def configure(self, model: ModelSettings, tasks: TaskSettings) -> None:
-        """The model settings (trusted keys, backend) and task settings that the next update loads with."""
+    def configure(self, model: ModelSettings, tasks: TaskSettings, shadow: ShadowSettings | None = None) -> None:
+        """The model settings (trusted keys, backend), task settings and shadow settings the next update uses."""
         require_signature = model.require_signature and not self.settings.allow_unsigned
         self.model_settings = model.model_copy(update={"require_signature": require_signature})
         self.task_settings = tasks
+        if shadow is not None:
+            self.shadow_settings = shadow
 
     # -- entry points ------------------------------------------------------------------------------
 
