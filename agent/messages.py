@@ -147,6 +147,39 @@ class MetricsMessage(Envelope):
     shadow: ShadowFigures | None = Field(None, description="a candidate model's shadow evaluation, while one runs and when it ends")
 
 
+class CaptureImage(Message):
+    """One JPEG of a capture: the whole frame (no box), or one prediction's box cut out of it."""
+
+    file: str = Field(pattern=r"^[0-9a-f-]{36}(-[0-9]+)?\.jpg$")
+    box: Box | None = None
+
+
+class CaptureRecord(Message):
+    """What a kept frame is, stored beside its JPEG(s) in S3 (`captures/{thing}/{date}/{model}/{id}.json`):
+    enough to review it, label it and train on it. `edge-fleet data pull` reads these."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    kind: Literal["capture"] = "capture"
+    capture_id: str = Field(pattern=r"^[0-9a-f-]{36}$")
+    thing_name: str
+    captured_at: datetime
+    source: str
+    frame: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    strategy: Literal["near_threshold", "disagreement", "random"]
+    score_threshold: float = Field(ge=0.0, le=1.0)
+    model: ModelRef
+    predictions: list[Prediction] = Field(description="what the serving model said: the proposed labels")
+    candidate: ModelRef | None = Field(None, description="the shadow candidate that disagreed (strategy disagreement)")
+    candidate_predictions: list[Prediction] | None = None
+    images: list[CaptureImage] = Field(min_length=1)
+
+    def key_prefix(self, prefix: str = "captures") -> str:
+        """Where it goes in S3: the device's own prefix (the upload role allows nothing else), then date and model."""
+        return f"{prefix}/{self.thing_name}/{self.captured_at:%Y-%m-%d}/{self.model.name}-{self.model.version}"
+
+
 class Batch(Message):
     """Several messages of one topic in one MQTT message, oldest first (setting outbox.batch_max).
 
@@ -161,7 +194,7 @@ class Batch(Message):
     messages: list[Annotated[InferenceResult | MetricsMessage, Field(discriminator="kind")]] = Field(min_length=1)
 
 
-PUBLISHED = {"inference-result": InferenceResult, "status": StatusMessage, "metrics": MetricsMessage, "batch": Batch}
+PUBLISHED = {"inference-result": InferenceResult, "status": StatusMessage, "metrics": MetricsMessage, "batch": Batch, "capture": CaptureRecord}
 
 _BATCH_HEAD, _BATCH_TAIL = b'{"schema_version":"1.0","kind":"batch","messages":[', b"]}"
 BATCH_OVERHEAD = len(_BATCH_HEAD) + len(_BATCH_TAIL)  # bytes a batch adds, besides one comma per message after the first

@@ -22,12 +22,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from agent.messages import ShadowFigures
+from agent.updates.manager import Outcome
 
 if TYPE_CHECKING:
     from agent.inference.pipeline import Pipeline
     from agent.messages import InferenceResult
     from agent.sources import Frame
-    from agent.updates.manager import Outcome
 
 # How a model update attempt ended: the AWS IoT Jobs status it reported (agent.updates.manager.Status), lowercased.
 UPDATE_OUTCOMES = ("succeeded", "failed", "rejected")
@@ -109,11 +109,11 @@ class Metrics:
             for histogram, ms in zip(self._stages, (latency.find_ms, latency.classify_ms, latency.total_ms)):
                 histogram.observe(ms / 1e3)
 
-    def on_update(self, event: Outcome | ShadowFigures) -> None:
+    def on_update(self, event) -> None:
         """Pipeline update listener: an update's outcome is counted; shadow figures set the shadow gauges."""
         if isinstance(event, ShadowFigures):
             self.shadow_figures(event)
-        else:
+        elif isinstance(event, Outcome):
             self.count_update(event.status.value, event.reason)
 
     def shadow_figures(self, figures: ShadowFigures) -> None:
@@ -122,6 +122,10 @@ class Metrics:
             if value is not None:
                 gauge.labels(figures.candidate.name, figures.candidate.version).set(value)
         self.shadow_running.set(int(figures.state == "running"))
+
+    def count_captures(self, stats) -> None:
+        """Data capture's counts (agent.capture.spool.SpoolStats), read at scrape time."""
+        self.registry.register(_CaptureCollector(stats))
 
     def count_update(self, outcome: str, reason: str | None = None) -> None:
         """One model update attempt ended: `outcome` is its Jobs status, `reason` its reason code if it failed."""
@@ -133,6 +137,29 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric, for `/metrics`."""
         return generate_latest(self.registry)
+
+
+class _CaptureCollector(Collector):
+    """Frames kept for retraining, dropped, waiting and uploaded, from the capture spool's own counts."""
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        kept = CounterMetricFamily("edge_agent_captures_kept", "Frames kept for retraining, by strategy", labels=["strategy"])
+        for strategy in ("near_threshold", "disagreement", "random"):
+            kept.add_metric([strategy], stats.kept[strategy])
+        yield kept
+        dropped = CounterMetricFamily("edge_agent_captures_dropped", "Frames chosen but not kept, or thrown away unsent, by reason", labels=["reason"])
+        for reason in ("daily_limit", "queue_full", "spool_full", "too_old", "write_failed"):
+            dropped.add_metric([reason], stats.dropped[reason])
+        yield dropped
+        yield CounterMetricFamily("edge_agent_captures_uploaded", "Captures put in S3", value=stats.uploaded)
+        yield CounterMetricFamily("edge_agent_captures_uploaded_bytes", "Bytes of captures put in S3", value=stats.uploaded_bytes)
+        yield CounterMetricFamily("edge_agent_capture_upload_failures", "Upload rounds that failed (and were retried)", value=stats.upload_failures)
+        yield GaugeMetricFamily("edge_agent_captures_waiting", "Captures in the spool waiting for upload", value=stats.waiting)
+        yield GaugeMetricFamily("edge_agent_captures_waiting_bytes", "Bytes of captures waiting in the spool", value=stats.waiting_bytes)
 
 
 class _AgentCollector(Collector):

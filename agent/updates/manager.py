@@ -61,7 +61,13 @@ from agent.settings import (
     TaskSettings,
     UpdateSettings,
 )
-from agent.updates.shadow import ShadowPlan, ShadowRun, ShadowTap, status_details
+from agent.updates.shadow import (
+    ShadowDisagreement,
+    ShadowPlan,
+    ShadowRun,
+    ShadowTap,
+    status_details,
+)
 
 if TYPE_CHECKING:
     from agent.inference.pipeline import Pipeline
@@ -216,12 +222,12 @@ class UpdateManager:
         model: ModelSettings,
         tasks: TaskSettings,
         slot: ModelSlot,
-        listeners: Sequence[Callable[[Outcome | ShadowFigures], None]] = (),
+        listeners: Sequence[Callable[[Outcome | ShadowFigures | ShadowDisagreement], None]] = (),
         shadow: ShadowSettings = ShadowSettings(),
     ):
         self.settings = settings
         self.shadow_settings = shadow
-        self.listeners = list(listeners)  # told every outcome and shadow evaluation figures (metrics, status)
+        self.listeners = list(listeners)  # told every outcome, shadow figures and disagreements (metrics, status, capture)
         self.slot = slot
         self.store = ModelStore(settings.store, keep=settings.keep)
         self.watch = HealthWatch(settings.health_frames)
@@ -276,10 +282,11 @@ class UpdateManager:
             return self._told(Outcome(status=Status.FAILED, reason=Reason.INVALID_BUNDLE, message=str(exc)))
         return self._told(self._run(name, version, lambda report, tmp: path, progress, None, shadow))
 
-    def _told(self, outcome: Outcome) -> Outcome:
+    def _told(self, event):
+        """Tell every listener an outcome, shadow figures, or a shadow disagreement (from the candidate's thread)."""
         for listener in self.listeners:
-            listener(outcome)
-        return outcome
+            listener(event)
+        return event
 
     def check_downgrade(self, update: ModelUpdate) -> None:
         """REJECTED for an older version than the one serving, unless the document or settings allow it."""
@@ -351,7 +358,7 @@ class UpdateManager:
         """Run the candidate beside the serving model until the plan ends it; UpdateFailed if it crashed or stalled."""
         manifest = candidate.manifest
         log.info("shadow: evaluating %s %s on every %s frame for up to %d frames or %g s", manifest.name, manifest.version, _nth(plan.every_nth), plan.frames, plan.seconds)
-        run = ShadowRun(candidate, plan)
+        run = ShadowRun(candidate, plan, on_disagreement=self._told)  # data capture keeps those frames
         told = [-1]
 
         def progress(figures: ShadowFigures, percent: int) -> None:

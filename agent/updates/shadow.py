@@ -24,7 +24,8 @@ from typing import Literal
 
 from agent.errors import Reason
 from agent.inference.model import LoadedModel
-from agent.messages import Box, Prediction, ShadowFigures
+from agent.messages import Box, ModelRef, Prediction, ShadowFigures
+from agent.sources import Frame
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,20 @@ class Tally:
 
 @dataclass(frozen=True)
 class Sample:
-    image: object
+    frame: Frame
     serving: list[Prediction]
     serving_ms: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class ShadowDisagreement:
+    """A frame on which the candidate disagreed with the serving model (what data capture keeps)."""
+
+    frame: Frame
+    serving: list[Prediction]
+    candidate: list[Prediction]
+    candidate_model: ModelRef
     threshold: float
 
 
@@ -134,9 +146,10 @@ class ShadowRun:
     """One candidate's evaluation: it is offered frames (pipeline thread), infers them (its own thread),
     and is judged by `run` (the update thread)."""
 
-    def __init__(self, candidate: LoadedModel, plan: ShadowPlan):
+    def __init__(self, candidate: LoadedModel, plan: ShadowPlan, on_disagreement: Callable[[ShadowDisagreement], None] | None = None):
         self.candidate = candidate
         self.plan = plan
+        self._on_disagreement = on_disagreement
         self.tally = Tally()
         self.served = 0
         self.skipped = 0
@@ -153,7 +166,7 @@ class ShadowRun:
 
     # -- the pipeline thread: store a reference, never wait ----------------------------------------------
 
-    def offer(self, image, serving: list[Prediction], serving_ms: float, threshold: float) -> None:
+    def offer(self, frame: Frame, serving: list[Prediction], serving_ms: float, threshold: float) -> None:
         if self._closed:
             return
         self.served += 1
@@ -162,7 +175,7 @@ class ShadowRun:
         if self._pending is not None or time.monotonic() < self._not_before:
             self.skipped += 1
             return
-        self._pending = Sample(image, serving, serving_ms, threshold)
+        self._pending = Sample(frame, serving, serving_ms, threshold)
         self._wake.set()
 
     # -- the candidate's thread ---------------------------------------------------------------------------
@@ -183,7 +196,7 @@ class ShadowRun:
             started, cpu = time.monotonic(), time.thread_time()
             self._busy_since = started
             try:
-                inference = self.candidate.infer(sample.image, sample.threshold)
+                inference = self.candidate.infer(sample.frame.image, sample.threshold)
             except Exception as exc:  # noqa: BLE001 -- any fault of the candidate ends its evaluation, not the agent
                 self.failure = (Reason.MODEL_FAILED, f"the candidate raised {type(exc).__name__} on a live frame: {exc}")
                 self._done.set()
@@ -191,9 +204,12 @@ class ShadowRun:
             finally:
                 self._busy_since = None
             elapsed_ms = (time.monotonic() - started) * 1e3
+            comparison = compare(sample.serving, inference.predictions)
             with self._lock:
-                self.tally.add(compare(sample.serving, inference.predictions), elapsed_ms, sample.serving_ms)
+                self.tally.add(comparison, elapsed_ms, sample.serving_ms)
                 frames = self.tally.frames
+            if comparison.agreed < comparison.compared and self._on_disagreement is not None:
+                self._on_disagreement(ShadowDisagreement(sample.frame, sample.serving, inference.predictions, self.candidate.ref, sample.threshold))
             self._not_before = started + (time.thread_time() - cpu) / self.plan.cpu_budget
             self._pending = None
             if frames >= self.plan.frames:
@@ -259,7 +275,7 @@ class ShadowTap:
     def on_frame(self, frame, result, latency_ms: float) -> None:
         run = self.run
         if run is not None:
-            run.offer(frame.image, result.predictions if result is not None else [], latency_ms, self._threshold())
+            run.offer(frame, result.predictions if result is not None else [], latency_ms, self._threshold())
 
 
 def status_details(figures: ShadowFigures) -> dict[str, str]:
