@@ -41,6 +41,13 @@ class Box(Message):
     w: int = Field(gt=0)
     h: int = Field(gt=0)
 
+    def iou(self, other: Box) -> float:
+        """Intersection over union: 1.0 for the same box, 0.0 for boxes that do not touch."""
+        x = max(0, min(self.x + self.w, other.x + other.w) - max(self.x, other.x))
+        y = max(0, min(self.y + self.h, other.y + other.h) - max(self.y, other.y))
+        overlap = x * y
+        return overlap / (self.w * self.h + other.w * other.h - overlap)
+
 
 class Keypoint(Message):
     """A named point of a detection (a face's eyes, nose tip, ...), in frame pixels."""

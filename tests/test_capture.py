@@ -5,9 +5,11 @@ mutual TLS (or Greengrass's token exchange service stand-in), and an outage made
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import random
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,8 +20,11 @@ import numpy as np
 import pytest
 from aws_stand_in import REGION, aws, aws_env, client, moto_server  # noqa: F401 (fixtures)
 from broker import Cable, pki  # noqa: F401 (fixtures)
+from bundle_helpers import test_key  # noqa: F401 (fixture)
 from conftest import SAMPLE_VIDEO, agent_env, one_line_error, run_cli
+from bundle_helpers import make_bundle
 from credentials_provider import ContainerCredentials, IotCredentialsProvider
+from test_fleet_cli import ROLE, fleet
 from test_greengrass_ipc import THING as GG_THING
 from test_greengrass_ipc import greengrass  # noqa: F401 (fixture)
 
@@ -36,6 +41,8 @@ from agent.settings import (
     SourceSettings,
 )
 from agent.transport.console import ConsoleTransport
+from agent.updates.manager import UpdateManager
+from models.mnist.dataset import load_dataset
 
 THING = "capture-thing"
 ALIAS = "edge-capture"
@@ -243,3 +250,69 @@ def test_greengrass_uploads_with_the_token_exchange_services_credentials(greengr
     assert len(records) >= 4 and all(len(keys) == 2 for keys in records)  # a record goes up after its image
     assert all(key.startswith(f"captures/{GG_THING}/") for keys in stored.values() for key in keys)
     assert tes.requests and {r.authorization for r in tes.requests} == {tes.token} and {r.status for r in tes.requests} == {200}
+
+
+def test_the_retraining_loop_capture_pull_train_publish_in_shadow_promote(tmp_path, bucket, provider, pki, device, test_key):
+    """Capture on a device -> `edge-fleet data pull` -> training digits -> `model publish --shadow` -> the device
+    evaluates it -> `model promote` -> the device serves its stored copy. Fine-tuning itself needs TensorFlow
+    (`make train`, the train extra: `python -m models.mnist.train --dataset DIR`); here the candidate is the
+    shipped model re-versioned, and the dataset is read exactly as train.py reads it."""
+    s3, iot = client(bucket, "s3"), client(bucket, "iot")
+    s3.create_bucket(Bucket="edge-models")
+    iot.create_thing(thingName=THING)
+    settings = settings_for(tmp_path, bucket, iot_credentials(provider, pki, device), device, random_rate=0.3)
+    settings = settings.model_copy(update={
+        "source": SourceSettings(spec=str(SAMPLE_VIDEO), loop=True, pace_fps=30),
+        "model": settings.model.model_copy(update={"trusted_keys": [*settings.model.trusted_keys, test_key[1]]}),
+        "updates": settings.updates.model_copy(update={"store": tmp_path / "store", "health_frames": 5, "download": settings.updates.download.model_copy(update={"allow_http": True})}),
+    })
+    pipeline = build_pipeline(settings, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter(THING))
+    manager = UpdateManager.serving(settings, pipeline)
+    with capturing(pipeline, settings) as spool:
+        serving = threading.Thread(target=pipeline.run, daemon=True)
+        serving.start()
+        try:
+            # 1. The device captures and uploads.
+            wait_until(lambda: spool.stats.uploaded >= 6)
+
+            # 2. The operator pulls a dataset.
+            out = tmp_path / "dataset"
+            today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+            pulled = fleet(bucket, "data", "pull", "--thing", THING, "--since", today, "--out", out, "--bucket", BUCKET)
+            assert pulled.returncode == 0, pulled.stderr
+            summary = json.loads(pulled.stdout)
+            assert summary["downloaded"] >= 6 and len(list((out / "records").glob("*.json"))) == summary["captures"]
+            again = json.loads(fleet(bucket, "data", "pull", "--thing", THING, "--since", today, "--out", out, "--bucket", BUCKET).stdout)
+            assert again["already_here"] >= summary["downloaded"]  # resumable: nothing fetched twice
+            with open(out / "labels.csv", newline="") as stream:
+                rows = list(csv.DictReader(stream))
+            assert rows and all(row["label"] == row["proposed"] for row in rows) and {row["strategy"] for row in rows} == {"random"}
+
+            # 3. Training digits from the dataset (what train.py --dataset adds to MNIST).
+            digits, labels = load_dataset(out)
+            assert len(digits) == len([r for r in rows if r["x"]]) > 0 and digits.shape[1:] == (28, 28)
+            assert sorted(map(str, labels)) == sorted(r["label"] for r in rows if r["x"])
+
+            # 4. Publish the new model in shadow; IoT Core would presign the URL on delivery: here the test does.
+            candidate = make_bundle(tmp_path / "candidate", None, lambda raw: raw.update(version="1.1.0"))
+            published = fleet(bucket, "model", "publish", candidate, "--thing", THING, "--bucket", "edge-models", "--signing-key", test_key[0], "--presign-role-arn", ROLE, "--shadow", "--shadow-frames", "15")
+            assert published.returncode == 0, published.stderr
+            job = json.loads(published.stdout)
+            document = json.loads(iot.get_job_document(jobId=job["job_id"])["document"])
+            assert (document["mode"], document["shadow"]) == ("shadow", {"frames": 15})
+            url = s3.generate_presigned_url("get_object", Params={"Bucket": "edge-models", "Key": job["s3"].split("/", 3)[3]}, ExpiresIn=600)
+            evaluated = manager.apply({**document, "url": url})
+            assert evaluated.status.value == "SUCCEEDED" and evaluated.shadow.agreement == 1.0, evaluated.message
+            assert pipeline.slot.active.ref.version == "1.0.0"
+
+            # 5. Promote: the device serves the copy it verified and stored; the URL is never fetched again.
+            promoted = fleet(bucket, "model", "promote", "--thing", THING, "--version", "1.1.0", "--bucket", "edge-models", "--presign-role-arn", ROLE)
+            assert promoted.returncode == 0, promoted.stderr
+            serve = json.loads(iot.get_job_document(jobId=json.loads(promoted.stdout)["job_id"])["document"])
+            assert serve["mode"] == "serve" and serve["sha256"] == document["sha256"]
+            outcome = manager.apply({**serve, "url": "https://127.0.0.1:9/never-fetched.zip"})
+            assert outcome.status.value == "SUCCEEDED", outcome.message
+            assert pipeline.slot.active.ref.version == "1.1.0" and manager.store.state().active.version == "1.1.0"
+        finally:
+            pipeline.stop()
+            serving.join(10)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from aws_stand_in import aws, aws_env, client, moto_server, set_job_execution  # noqa: F401 (fixtures)
 from broker import mosquitto, pki  # noqa: F401 (fixtures)
-from conftest import REPO
+from conftest import REPO, SHIPPED_BUNDLE as SHIPPED
 from test_greengrass_ipc import greengrass, model_1_0_1  # noqa: F401 (fixtures)
 from test_jobs import THING, device, link, service, wait_terminal  # noqa: F401 (fixtures)
 from test_updates import _faint_golden, _float_model
@@ -209,3 +210,32 @@ def test_greengrass_configuration_runs_a_candidate_in_shadow_then_promotes_it(gr
     code, stderr = component.stop()
     assert code == 0, stderr
     assert not nucleus.denied
+
+
+# --- the operator's side -----------------------------------------------------------------------------------
+
+
+def test_fleet_status_shows_each_devices_shadow_agreement(aws, tmp_path):
+    from test_fleet_cli import _fleet_of_three, fleet
+
+    job = _fleet_of_three(aws, tmp_path)
+    set_job_execution(job, "device-1", "IN_PROGRESS", {"stage": "shadow", "progress": "50", "candidate": "1.1.0", "agreement": "0.9833"})
+    set_job_execution(job, "device-2", "SUCCEEDED", {"candidate": "1.1.0", "agreement": "0.9912", "promoted": "true", "message": "promoted"})
+    result = fleet(aws, "fleet", "status", "--group", "line-a", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [d["shadow"] for d in json.loads(result.stdout)["devices"]] == ["1.1.0: 0.9833", "1.1.0: 0.9912 promoted", None]
+    table = fleet(aws, "fleet", "status", "--group", "line-a").stdout.splitlines()
+    assert "SHADOW" in table[0].split() and "1.1.0: 0.9833" in table[1]
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--promote-at", "0.9"], "--promote-at: only with --shadow"), (["--shadow", "--promote-at", "1.5"], "--promote-at"), (["--shadow", "--every-nth", "0"], "--every-nth")],
+)
+def test_bad_shadow_flags_are_one_line_before_anything_is_uploaded(aws, tmp_path, flags, named):
+    from test_fleet_cli import ROLE, fleet, fleet_error
+
+    client(aws, "s3").create_bucket(Bucket="edge-models")
+    line = fleet_error(fleet(aws, "model", "publish", SHIPPED, "--thing", "t", "--bucket", "edge-models", "--presign-role-arn", ROLE, *flags))
+    assert named in line
+    assert "Contents" not in client(aws, "s3").list_objects_v2(Bucket="edge-models")

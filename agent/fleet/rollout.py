@@ -23,6 +23,7 @@ from agent.fleet.aws import Aws
 from agent.settings import SHIPPED
 
 if TYPE_CHECKING:  # publish pulls in the device-side update code; `--help` should not
+    from agent.bundles.document import ShadowPlan
     from agent.fleet.publish import Release
 
 DEFAULT_RECIPE = SHIPPED / "model-recipe.json"  # deploy/greengrass/model/recipe.json, shipped in the package
@@ -83,16 +84,16 @@ def job_id(release: Release) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", f"model-{release.name}-{release.version}")[:41] + f"-{stamp}-{secrets.token_hex(2)}"
 
 
-def create_job(aws: Aws, release: Release, target: str, rollout: Rollout, presign_role_arn: str, *, allow_downgrade: bool = False, continuous: bool = False) -> dict[str, Any]:
+def create_job(aws: Aws, release: Release, target: str, rollout: Rollout, presign_role_arn: str, *, allow_downgrade: bool = False, continuous: bool = False, shadow: ShadowPlan | None = None) -> dict[str, Any]:
     """An IoT Job carrying the model-update document, its URL presigned by IoT Core with `presign_role_arn`."""
-    document = release.document(aws.region, allow_downgrade=allow_downgrade).model_dump(mode="json", exclude_none=True)
+    document = release.document(aws.region, allow_downgrade=allow_downgrade, shadow=shadow).model_dump(mode="json", exclude_none=True)
     reply = aws.call(
         "iot",
         "create_job",
         jobId=job_id(release),
         targets=[target],
         document=json.dumps(document, separators=(",", ":")),
-        description=f"model {release.name} {release.version} (sha256 {release.sha256[:12]})",
+        description=f"model {release.name} {release.version}{' in shadow' if shadow else ''} (sha256 {release.sha256[:12]})",
         presignedUrlConfig={"roleArn": presign_role_arn, "expiresInSec": PRESIGNED_URL_SECONDS},
         targetSelection="CONTINUOUS" if continuous else "SNAPSHOT",
         **rollout.job_configuration(),
@@ -173,10 +174,11 @@ def publish_component(aws: Aws, release: Release, recipe_path: Path, target: str
     return create_deployment(aws, recipe["ComponentName"], release.version, target, rollout)
 
 
-def roll_out(aws: Aws, release: Release, target: str, via: Literal["jobs", "greengrass"], rollout: Rollout, *, presign_role_arn: str | None, recipe: Path, new_component: bool, allow_downgrade: bool = False, continuous: bool = False) -> dict[str, Any]:
-    """Publish and rollback alike: hand the release to the chosen engine."""
+def roll_out(aws: Aws, release: Release, target: str, via: Literal["jobs", "greengrass"], rollout: Rollout, *, presign_role_arn: str | None, recipe: Path, new_component: bool, allow_downgrade: bool = False, continuous: bool = False, shadow: ShadowPlan | None = None) -> dict[str, Any]:
+    """Publish, promote and rollback alike: hand the release to the chosen engine (in shadow mode: to be
+    evaluated beside the serving model)."""
     if via == "jobs":
-        return create_job(aws, release, target, rollout, presign_role_arn, allow_downgrade=allow_downgrade, continuous=continuous)
+        return create_job(aws, release, target, rollout, presign_role_arn, allow_downgrade=allow_downgrade, continuous=continuous, shadow=shadow)
     if new_component:
         return publish_component(aws, release, recipe, target, rollout)
     return create_deployment(aws, load_recipe(recipe)["ComponentName"], release.version, target, rollout)

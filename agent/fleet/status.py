@@ -34,6 +34,7 @@ class Device:
     reason: str | None = None
     last_seen: str | None = None  # ISO 8601 UTC
     connected: bool | None = None  # None: fleet indexing of connectivity is not enabled
+    shadow: str | None = None  # the newest job's shadow evaluation: "candidate version: agreement"
 
     @property
     def failed(self) -> bool:
@@ -115,6 +116,8 @@ def device_status(aws: Aws, thing: str, connection: dict[str, Any] | None) -> De
         details = (execution.get("statusDetails") or {}).get("detailsMap") or {}
         device.job_id, device.job_status = newest["jobId"], execution["status"]
         device.reason = " ".join(filter(None, (details.get("reason"), details.get("message")))) or None
+        if "agreement" in details:  # a shadow evaluation's figures, so far (IN_PROGRESS) or final
+            device.shadow = f"{details.get('candidate', '?')}: {details['agreement']}{' promoted' if details.get('promoted') == 'true' else ''}"
     if connection:
         device.connected = bool(connection.get("connected"))
         if not device.connected and connection.get("timestamp"):
@@ -133,7 +136,7 @@ def fleet_status(aws: Aws, group: str | None) -> FleetStatus:
     return FleetStatus(devices)
 
 
-COLUMNS = (("THING", "thing"), ("MODEL", "model_version"), ("JOB", "job_id"), ("STATUS", "job_status"), ("LAST SEEN", "last_seen"), ("REASON", "reason"))
+COLUMNS = (("THING", "thing"), ("MODEL", "model_version"), ("JOB", "job_id"), ("STATUS", "job_status"), ("SHADOW", "shadow"), ("LAST SEEN", "last_seen"), ("REASON", "reason"))
 
 
 def render(status: FleetStatus, colour: bool = False) -> str:

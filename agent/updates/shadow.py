@@ -24,7 +24,7 @@ from typing import Literal
 
 from agent.errors import Reason
 from agent.inference.model import LoadedModel
-from agent.messages import Box, ModelRef, Prediction, ShadowFigures
+from agent.messages import ModelRef, Prediction, ShadowFigures
 from agent.sources import Frame
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,6 @@ class Comparison:
     drift: float  # sum over matched pairs of candidate score - serving score
 
 
-def iou(a: Box, b: Box) -> float:
-    x = max(0, min(a.x + a.w, b.x + b.w) - max(a.x, b.x))
-    y = max(0, min(a.y + a.h, b.y + b.h) - max(a.y, b.y))
-    overlap = x * y
-    return overlap / (a.w * a.h + b.w * b.h - overlap)
-
-
 def compare(serving: Sequence[Prediction], candidate: Sequence[Prediction]) -> Comparison:
     """The two models' predictions for one frame, side by side. A frame where neither predicts anything
     (above the score threshold) is no evidence either way: it counts nowhere."""
@@ -75,7 +68,7 @@ def compare(serving: Sequence[Prediction], candidate: Sequence[Prediction]) -> C
         top = [max(side, key=lambda p: p.score) for side in (serving, candidate)]
         return Comparison(1, 1, int(top[0].label == top[1].label), top[1].score - top[0].score)
     pairs = sorted(
-        ((iou(s.box, c.box), i, j) for i, s in enumerate(serving) for j, c in enumerate(candidate) if s.box and c.box),
+        ((s.box.iou(c.box), i, j) for i, s in enumerate(serving) for j, c in enumerate(candidate) if s.box and c.box),
         reverse=True,
     )
     used_s, used_c, agreed, drift = set(), set(), 0, 0.0
