@@ -387,6 +387,7 @@ class CaptureSettings(Section):
     near_threshold: float | None = Field(0.1, ge=0, le=1, description="keep a frame with a prediction scoring less than this above the score threshold (unsure); null: off")
     disagreements: bool = Field(True, description="keep frames where a candidate in shadow disagrees with the serving model")
     random_rate: float = Field(0.0, ge=0, le=1, description="keep this share of all frames, at random")
+    min_interval_s: float = Field(2.0, ge=0, description="keep at most one frame per this many seconds (frames in a row are near duplicates)")
     crops: bool = Field(False, description="keep the predictions' boxes cut out of the frame instead of the whole frame")
     jpeg_quality: int = Field(85, ge=10, le=100, description="JPEG quality of kept frames")
     max_per_day: int = Field(500, ge=0, description="most frames kept a day (UTC); more are counted and dropped")

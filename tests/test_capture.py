@@ -78,7 +78,7 @@ def settings_for(tmp_path: Path, endpoint: str, credentials: CredentialSettings,
         mqtt=MqttSettings(cert=device.cert, key=device.key),
         capture=CaptureSettings(**{
             "enabled": True, "near_threshold": None, "random_rate": 0.25, "spool": tmp_path / "spool", "bucket": BUCKET,
-            "region": REGION, "s3_endpoint_url": endpoint, "retry_initial_s": 0.05, "retry_max_s": 0.2, "queue": 64,
+            "region": REGION, "s3_endpoint_url": endpoint, "retry_initial_s": 0.05, "retry_max_s": 0.2, "queue": 64, "min_interval_s": 0,
             "credentials": credentials, **capture,
         }),
     )
@@ -146,6 +146,27 @@ def test_the_spool_survives_a_restart_and_keeps_its_bounds(tmp_path):
 
     clock[0] += 3600
     assert again.waiting() == [] and again.stats.dropped["too_old"] == 2 and again.stats.waiting == 0
+
+
+def test_frames_in_a_row_are_kept_once_per_interval_and_crops_cut_the_boxes(tmp_path):
+    from agent.capture.capturer import Capturer
+    from agent.messages import InferenceResult, StageLatency
+    from agent.sources import Frame
+
+    spool = CaptureSpool(tmp_path, max_per_day=100, max_bytes=10**8, max_age_s=3600)
+    settings = CaptureSettings(enabled=True, near_threshold=0.1, min_interval_s=3600, crops=True)
+    capturer = Capturer(settings, THING, spool, lambda: MODEL, lambda: 0.5).start()
+    image = np.full((120, 160), 200, np.uint8)
+    unsure = [Prediction(label="7", class_index=7, score=0.55, box=Box(x=10, y=20, w=30, h=40)), Prediction(label="1", class_index=1, score=0.9, box=Box(x=80, y=20, w=20, h=40))]
+    for index in range(5):
+        frame = Frame(image=image, index=index, captured_at=datetime.now(timezone.utc), source="test")
+        result = InferenceResult(**SequenceCounter(THING).envelope(), source="test", frame=index, captured_at=frame.captured_at, model=MODEL, predictions=unsure, latency=StageLatency(find_ms=0, classify_ms=0, total_ms=0))
+        capturer.on_frame(frame, result, 1.0)
+    capturer.close()
+    [kept] = spool.waiting()
+    assert (kept.record.frame, kept.record.strategy, spool.stats.kept["near_threshold"]) == (0, "near_threshold", 1)
+    assert [image.box for image in kept.record.images] == [p.box for p in unsure]
+    assert [cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape for path in kept.images] == [(40, 30), (40, 20)]
 
 
 # --- credentials ---------------------------------------------------------------------------------------------
@@ -240,7 +261,7 @@ def test_greengrass_uploads_with_the_token_exchange_services_credentials(greengr
     with ContainerCredentials() as tes:
         # What the nucleus gives a component that depends on aws.greengrass.TokenExchangeService.
         greengrass.nucleus.environment.update({"AWS_CONTAINER_CREDENTIALS_FULL_URI": tes.uri, "AWS_CONTAINER_AUTHORIZATION_TOKEN": tes.token})
-        capture = {"enabled": True, "near_threshold": None, "random_rate": 0.3, "spool": str(tmp_path / "gg-spool"), "bucket": BUCKET, "region": REGION, "s3_endpoint_url": bucket}
+        capture = {"enabled": True, "near_threshold": None, "random_rate": 0.3, "min_interval_s": 0, "spool": str(tmp_path / "gg-spool"), "bucket": BUCKET, "region": REGION, "s3_endpoint_url": bucket}
         component = greengrass({"source": {"spec": str(SAMPLE_VIDEO), "loop": True, "pace_fps": 30}, "capture": capture})
         wait_until(lambda: len(s3_captures(bucket)) >= 5 or component.process.poll() is not None, timeout_s=60)
         code, stderr = component.stop()
@@ -316,3 +337,13 @@ def test_the_retraining_loop_capture_pull_train_publish_in_shadow_promote(tmp_pa
         finally:
             pipeline.stop()
             serving.join(10)
+
+
+def test_the_upload_role_may_put_only_under_its_own_things_prefix():
+    """The key prefix the uploader writes under is the one deploy/iot/capture-role-policy.json allows."""
+    policy = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "iot" / "capture-role-policy.json").read_text())
+    [statement] = policy["Statement"]
+    assert (statement["Effect"], statement["Action"]) == ("Allow", "s3:PutObject")
+    assert statement["Resource"] == "arn:aws:s3:::CAPTURE_BUCKET/captures/${credentials-iot:ThingName}/*"
+    kept = record(Path("."), datetime(2026, 12, 2, tzinfo=timezone.utc))
+    assert kept.key_prefix().startswith(f"captures/{THING}/2026-12-02/")

@@ -13,6 +13,8 @@ import pytest
 from aws_stand_in import aws, aws_env, client, moto_server, set_job_execution  # noqa: F401 (fixtures)
 from broker import mosquitto, pki  # noqa: F401 (fixtures)
 from conftest import REPO, SHIPPED_BUNDLE as SHIPPED
+from bundle_helpers import test_key  # noqa: F401 (fixture)
+from test_fleet_cli import bucket, fleet_aws, unsigned_bundle  # noqa: F401 (fixtures)
 from test_greengrass_ipc import greengrass, model_1_0_1  # noqa: F401 (fixtures)
 from test_jobs import THING, device, link, service, wait_terminal  # noqa: F401 (fixtures)
 from test_updates import _faint_golden, _float_model
@@ -239,3 +241,41 @@ def test_bad_shadow_flags_are_one_line_before_anything_is_uploaded(aws, tmp_path
     line = fleet_error(fleet(aws, "model", "publish", SHIPPED, "--thing", "t", "--bucket", "edge-models", "--presign-role-arn", ROLE, *flags))
     assert named in line
     assert "Contents" not in client(aws, "s3").list_objects_v2(Bucket="edge-models")
+
+
+def test_greengrass_publish_in_shadow_deploys_a_candidate_component_and_promote_serves_it(fleet_aws, tmp_path, bucket, unsigned_bundle, test_key):
+    from botocore.stub import ANY, Stubber
+
+    from agent.bundles.document import ShadowPlan as RequestedShadow
+    from agent.fleet.publish import prepare, upload
+    from agent.fleet.rollout import DEFAULT_RECIPE, Rollout, artifact_file_name, load_recipe, roll_out
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket, artifact_file_name(recipe))
+    upload(fleet_aws, artifact, release)
+    group = "arn:aws:iot:us-east-1:123456789012:thinggroup/line-a"
+    model, candidate = recipe["ComponentName"], recipe["ComponentName"] + ".Candidate"
+    agent = {"com.example.EdgeAgent": {"componentVersion": "0.1.0"}}
+    deployed = {**agent, model: {"componentVersion": "0.9.0"}}
+    unpacked = f"/greengrass/v2/packages/artifacts-unarchived/{candidate}/1.0.0/mnist-bundle"
+
+    with Stubber(fleet_aws.client("greengrassv2")) as stub:
+        def created(name: str) -> None:
+            stub.add_response("create_component_version", {"componentName": name, "componentVersion": "1.0.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": ANY})
+
+        def deployment(components: dict, expected: dict) -> None:
+            stub.add_response("list_deployments", {"deployments": [{"deploymentId": "d-1"}]}, {"targetArn": group, "historyFilter": "LATEST_ONLY"})
+            stub.add_response("get_deployment", {"deploymentId": "d-1", "components": components}, {"deploymentId": "d-1"})
+            stub.add_response("create_deployment", {"deploymentId": "d-2"}, {"targetArn": group, "deploymentName": ANY, "components": expected, "deploymentPolicies": ANY, "iotJobConfiguration": ANY})
+
+        created(candidate)
+        shadow_config = {"shadow": {"candidate": unpacked, "frames": 100, "promote_at": 0.98}}
+        in_shadow = {**deployed, candidate: {"componentVersion": "1.0.0"}, "com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": json.dumps(shadow_config)}}}
+        deployment(deployed, in_shadow)
+        roll_out(fleet_aws, release, group, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=True, shadow=RequestedShadow(frames=100, promote_at=0.98))
+
+        created(model)
+        promoted = {model: {"componentVersion": "1.0.0"}, "com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": json.dumps({"shadow": {"candidate": None}})}}}
+        deployment(in_shadow, promoted)  # the candidate component leaves; the model component serves the release
+        roll_out(fleet_aws, release, group, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=False, promote=True)
+        stub.assert_no_pending_responses()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Capturer:
         self._threshold = threshold
         self._wake = wake
         self._queue: queue.Queue[Kept | None] = queue.Queue(maxsize=settings.queue)
+        self._last_kept = -float("inf")  # monotonic time of the last frame kept
         self._thread = threading.Thread(target=self._write, name="capture", daemon=True)
 
     def start(self) -> Capturer:
@@ -83,6 +85,9 @@ class Capturer:
             self._offer(Kept(event.frame, "disagreement", event.threshold, self._serving(), event.serving, event.candidate_model, event.candidate))
 
     def _offer(self, kept: Kept) -> None:
+        now = time.monotonic()
+        if now - self._last_kept < self.settings.min_interval_s:
+            return  # a near duplicate of the frame just kept: not chosen, not counted
         if not self.spool.has_room_today():
             self.spool.stats.dropped["daily_limit"] += 1
             return
@@ -90,6 +95,8 @@ class Capturer:
             self._queue.put_nowait(kept)
         except queue.Full:
             self.spool.stats.dropped["queue_full"] += 1
+            return
+        self._last_kept = now
 
     # -- keeping: the capture thread ---------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.bundles.store import replace_file
 from agent.errors import ConfigError
 from agent.messages import CaptureRecord
 
@@ -64,16 +64,6 @@ class SpoolStats:
     waiting_bytes: int = 0
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """`path` appears complete or not at all (temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 class CaptureSpool:
     """Captures on disk, oldest first, within a daily count, a size and an age."""
 
@@ -108,11 +98,11 @@ class CaptureSpool:
                 self.stats.dropped["daily_limit"] += 1
                 return None
             for image, data in zip(record.images, images):
-                write_file(self.root / image.file, data)
+                replace_file(self.root / image.file, data)
             path = self.root / f"{record.capture_id}.json"
-            write_file(path, record.model_dump_json(exclude_none=True).encode())
+            replace_file(path, record.model_dump_json(exclude_none=True).encode())
             self._counts = {day: self._counts.get(day, 0) + 1}  # only today's count matters from now on
-            write_file(self.root / COUNTS, json.dumps(self._counts).encode())
+            replace_file(self.root / COUNTS, json.dumps(self._counts).encode())
             capture = Capture(record, path)
             self.stats.kept[record.strategy] += 1
             self.stats.waiting += 1

@@ -165,7 +165,9 @@ def redeploy(args: argparse.Namespace, version: str, *, allow_downgrade: bool, k
     check_engine(args.via, args.presign_role_arn)
     release = find_release(aws, args.bucket, version, args.name)
     target = target_arn(aws, args.thing, args.group)
-    result = roll_out(aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=False, allow_downgrade=allow_downgrade, continuous=args.continuous)
+    result = roll_out(
+        aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=False, allow_downgrade=allow_downgrade, continuous=args.continuous, promote=kind == "promote"
+    )
     return report(aws, {"model": release.name, "version": release.version, kind: True, **result})
 
 

@@ -326,6 +326,7 @@ class UpdateManager:
                     if shadow is not None:
                         figures = self._shadow(model, shadow, report)
                         if shadow.promote_at is None or figures.agreement is None or figures.agreement < shadow.promote_at:
+                            model.backend.close()  # evaluated; it stays in the store, not in memory
                             return Outcome(status=Status.SUCCEEDED, message=_judged(figures, shadow), name=name, version=version, shadow=figures)
                         log.info("shadow: %s %s agrees %.4f >= %.4f: promoting it", name, version, figures.agreement, shadow.promote_at)
                     self._activate(model, report)
