@@ -38,7 +38,7 @@ PREVIOUS_DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"
 DEV_SIGNING_KEYS = (PREVIOUS_DEV_SIGNING_KEY, DEV_SIGNING_KEY)
 AMAZON_ROOT_CA = PACKAGE / "certs" / "AmazonRootCA1.pem"
 # State the agent writes; relative values of these settings are inside state_dir.
-STATE_PATHS = (("outbox", "path"), ("updates", "store"))
+STATE_PATHS = (("outbox", "path"), ("updates", "store"), ("capture", "spool"))
 # A source spec that names a camera or a URL (camera:0, rtsp://...) rather than a file or folder.
 LOCATION = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
