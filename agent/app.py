@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 import cv2
 
 from agent.bundles.starting import starting_keys
+from agent.capture.spool import CaptureSpool
 from agent.cloud.host import Host
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.inference.model import LoadedModel, load_model
 from agent.inference.pipeline import Pipeline, Tuning, frame_settings
 from agent.inference.slot import ModelSlot
@@ -130,11 +131,46 @@ def stop_on_signals(pipeline: Pipeline) -> Iterator[None]:
 
 
 @contextmanager
-def observed(pipeline: Pipeline, settings: Settings) -> Iterator[Health]:
+def capturing(pipeline: Pipeline, settings: Settings) -> Iterator[CaptureSpool | None]:
+    """If enabled, data capture around a running pipeline: kept frames to the spool and, with a bucket, to S3
+    with temporary credentials (agent.cloud.credentials). The spool (and its counts), or None."""
+    capture = settings.capture
+    if not capture.enabled:
+        yield None
+        return
+    from agent.capture.capturer import Capturer
+    from agent.capture.spool import CaptureSpool
+
+    spool = CaptureSpool(capture.spool, max_per_day=capture.max_per_day, max_bytes=int(capture.max_mb * 1024 * 1024), max_age_s=capture.max_age_days * 86400)
+    uploader = None
+    if capture.bucket:
+        try:
+            from agent.capture.uploader import Uploader
+            from agent.cloud.credentials import credential_provider, s3_client
+        except ImportError:
+            raise ConfigError("capture.bucket: uploading captures needs botocore; install edge-agent[capture], or set capture.bucket null to keep captures on the device") from None
+
+        provider = credential_provider(capture.credentials, settings.mqtt, settings.thing_name)
+        uploader = Uploader(spool, capture, lambda: s3_client(provider, capture.region, capture.s3_endpoint_url)).start()
+    capturer = Capturer(capture, settings.thing_name, spool, lambda: pipeline.slot.active.ref, lambda: pipeline.tuning.score_threshold, wake=uploader.wake if uploader else lambda: None).start()
+    pipeline.add_observer(capturer)
+    pipeline.add_update_listener(capturer.on_update)
+    try:
+        yield spool
+    finally:
+        capturer.close()
+        if uploader is not None:
+            uploader.close()
+
+
+@contextmanager
+def observed(pipeline: Pipeline, settings: Settings, capture: CaptureSpool | None = None) -> Iterator[Health]:
     """Health, the watchdog and, if enabled, the live view server (/metrics, /healthz) around a running pipeline."""
     health = Health(pipeline, settings.watchdog.stale_after_s)
     metrics = Metrics(pipeline, settings.transport, health)
-    pipeline.add_update_listener(lambda outcome: metrics.count_update(outcome.status.value, outcome.reason))
+    if capture is not None:
+        metrics.count_captures(capture.stats)
+    pipeline.add_update_listener(metrics.on_update)
     server = LiveViewServer(pipeline, settings.liveview, metrics, health).start() if settings.liveview.enabled else None
     if server is not None:
         pipeline.add_observer(metrics)
@@ -180,7 +216,7 @@ def run_agent(settings: Settings) -> RunSummary:
         transport = build_transport(settings)
         pipeline = build_pipeline(settings, transport, SequenceCounter(settings.thing_name))
         # Observers first: a live view port already in use fails here, before `online` is announced.
-        with stop_on_signals(pipeline), observed(pipeline, settings):
+        with stop_on_signals(pipeline), capturing(pipeline, settings) as capture, observed(pipeline, settings, capture):
             # The will first: its sequence number is the one before the online status's, its own (README).
             will = pipeline.status("offline", reason="connection lost") if transport.has_last_will else None
             transport.start(pipeline.status("online"), will)

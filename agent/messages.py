@@ -41,6 +41,13 @@ class Box(Message):
     w: int = Field(gt=0)
     h: int = Field(gt=0)
 
+    def iou(self, other: Box) -> float:
+        """Intersection over union: 1.0 for the same box, 0.0 for boxes that do not touch."""
+        x = max(0, min(self.x + self.w, other.x + other.w) - max(self.x, other.x))
+        y = max(0, min(self.y + self.h, other.y + other.h) - max(self.y, other.y))
+        overlap = x * y
+        return overlap / (self.w * self.h + other.w * other.h - overlap)
+
 
 class Keypoint(Message):
     """A named point of a detection (a face's eyes, nose tip, ...), in frame pixels."""
@@ -109,6 +116,28 @@ class StatusMessage(Envelope):
     outbox_dropped: int = Field(0, ge=0, description="messages the outbox dropped this run (full, too old, or refused for good)")
 
 
+class ShadowFigures(Message):
+    """How a candidate running in shadow compares with the serving model, so far or in the end.
+
+    Per prediction: boxes are matched at IoU 0.5 (a classifier's single prediction is its top-1), and a
+    prediction agrees when its match has the same label. `agreement` is agreeing predictions over the larger
+    of the two models' prediction counts, summed over the frames evaluated.
+    """
+
+    candidate: ModelRef
+    state: Literal["running", "succeeded", "failed", "promoted"]
+    frames: int = Field(ge=0, description="frames the candidate evaluated")
+    frames_served: int = Field(ge=0, description="frames the serving model served meanwhile")
+    frames_skipped: int = Field(ge=0, description="sampled frames not evaluated: the candidate was busy or over its CPU budget")
+    agreement: float | None = Field(None, ge=0.0, le=1.0)
+    box_match: float | None = Field(None, ge=0.0, le=1.0, description="predictions with a counterpart at IoU 0.5 (classifier: always 1)")
+    label_agreement: float | None = Field(None, ge=0.0, le=1.0, description="of the matched predictions, those with the same label")
+    score_drift: float | None = Field(None, description="mean candidate score minus serving score, over matched predictions")
+    latency_ratio: float | None = Field(None, ge=0.0, description="candidate median time per frame over the serving model's")
+    elapsed_s: float = Field(ge=0)
+    reason: str | None = None
+
+
 class MetricsMessage(Envelope):
     kind: Literal["metrics"] = "metrics"
     interval_s: float
@@ -122,6 +151,40 @@ class MetricsMessage(Envelope):
     latency_p99_ms: float
     outbox_depth: int = 0
     outbox_dropped: int = 0
+    shadow: ShadowFigures | None = Field(None, description="a candidate model's shadow evaluation, while one runs and when it ends")
+
+
+class CaptureImage(Message):
+    """One JPEG of a capture: the whole frame (no box), or one prediction's box cut out of it."""
+
+    file: str = Field(pattern=r"^[0-9a-f-]{36}(-[0-9]+)?\.jpg$")
+    box: Box | None = None
+
+
+class CaptureRecord(Message):
+    """What a kept frame is, stored beside its JPEG(s) in S3 (`captures/{thing}/{date}/{model}/{id}.json`):
+    enough to review it, label it and train on it. `edge-fleet data pull` reads these."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    kind: Literal["capture"] = "capture"
+    capture_id: str = Field(pattern=r"^[0-9a-f-]{36}$")
+    thing_name: str
+    captured_at: datetime
+    source: str
+    frame: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    strategy: Literal["near_threshold", "disagreement", "random"]
+    score_threshold: float = Field(ge=0.0, le=1.0)
+    model: ModelRef
+    predictions: list[Prediction] = Field(description="what the serving model said: the proposed labels")
+    candidate: ModelRef | None = Field(None, description="the shadow candidate that disagreed (strategy disagreement)")
+    candidate_predictions: list[Prediction] | None = None
+    images: list[CaptureImage] = Field(min_length=1)
+
+    def key_prefix(self, prefix: str = "captures") -> str:
+        """Where it goes in S3: the device's own prefix (the upload role allows nothing else), then date and model."""
+        return f"{prefix}/{self.thing_name}/{self.captured_at:%Y-%m-%d}/{self.model.name}-{self.model.version}"
 
 
 class Batch(Message):
@@ -138,7 +201,7 @@ class Batch(Message):
     messages: list[Annotated[InferenceResult | MetricsMessage, Field(discriminator="kind")]] = Field(min_length=1)
 
 
-PUBLISHED = {"inference-result": InferenceResult, "status": StatusMessage, "metrics": MetricsMessage, "batch": Batch}
+PUBLISHED = {"inference-result": InferenceResult, "status": StatusMessage, "metrics": MetricsMessage, "batch": Batch, "capture": CaptureRecord}
 
 _BATCH_HEAD, _BATCH_TAIL = b'{"schema_version":"1.0","kind":"batch","messages":[', b"]}"
 BATCH_OVERHEAD = len(_BATCH_HEAD) + len(_BATCH_TAIL)  # bytes a batch adds, besides one comma per message after the first

@@ -38,7 +38,7 @@ PREVIOUS_DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"
 DEV_SIGNING_KEYS = (PREVIOUS_DEV_SIGNING_KEY, DEV_SIGNING_KEY)
 AMAZON_ROOT_CA = PACKAGE / "certs" / "AmazonRootCA1.pem"
 # State the agent writes; relative values of these settings are inside state_dir.
-STATE_PATHS = (("outbox", "path"), ("updates", "store"))
+STATE_PATHS = (("outbox", "path"), ("updates", "store"), ("capture", "spool"))
 # A source spec that names a camera or a URL (camera:0, rtsp://...) rather than a file or folder.
 LOCATION = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
@@ -356,6 +356,53 @@ class GreengrassSettings(Section):
     )
 
 
+class ShadowSettings(Section):
+    """A candidate model run beside the serving one on live frames (a job document in shadow mode, or the
+    Greengrass configuration's `shadow.candidate`); job document values override these."""
+
+    candidate: Path | None = Field(None, description="(Greengrass) bundle directory or .zip to evaluate in shadow; null: none. Set model.bundle to the same path to promote it")
+    frames: int = Field(300, ge=1, description="evaluation ends after this many frames evaluated by the candidate")
+    seconds: float = Field(600.0, gt=0, description="evaluation ends after this long, however many frames were evaluated")
+    every_nth: int = Field(3, ge=1, description="the candidate sees every Nth frame the serving model serves")
+    cpu_budget: float = Field(0.5, gt=0, le=8, description="most CPU the candidate may use, in cores (0.5: half of one); frames beyond it are skipped and counted")
+    stall_s: float = Field(10.0, gt=0, description="a candidate busy with one frame for this long has stalled: the evaluation fails")
+    promote_at: float | None = Field(None, ge=0.0, le=1.0, description="promote the candidate when its agreement reaches this (null: only when told)")
+    nice: int = Field(10, ge=0, le=19, description="how much lower the candidate thread's scheduling priority is than the serving model's (Linux nice)")
+
+
+class CredentialSettings(Section):
+    """Where capture uploads get temporary AWS credentials; none are ever stored on the device."""
+
+    source: Literal["auto", "iot", "greengrass"] = Field("auto", description="iot: the AWS IoT credentials provider with the device certificate (mqtt.cert/key); greengrass: the token exchange service (AWS_CONTAINER_CREDENTIALS_FULL_URI); auto: greengrass under a nucleus, else iot")
+    endpoint: str | None = Field(None, description="credentials provider endpoint (aws iot describe-endpoint --endpoint-type iot:CredentialProvider); host or host:port")
+    role_alias: str | None = Field(None, pattern=r"^[\w=,@-]{1,128}$", description="IoT role alias naming the IAM role captures are uploaded with")
+    ca: Path = Field(AMAZON_ROOT_CA, description="CA that signed the credentials provider's certificate")
+    timeout_s: float = Field(10.0, gt=0, description="longest wait for the credentials provider")
+
+
+class CaptureSettings(Section):
+    """Frames kept for retraining: what is kept, how much, and where it goes (off by default)."""
+
+    enabled: bool = Field(False, description="keep frames the strategies below choose, and upload them to S3")
+    near_threshold: float | None = Field(0.1, ge=0, le=1, description="keep a frame with a prediction scoring less than this above the score threshold (unsure); null: off")
+    disagreements: bool = Field(True, description="keep frames where a candidate in shadow disagrees with the serving model")
+    random_rate: float = Field(0.0, ge=0, le=1, description="keep this share of all frames, at random")
+    min_interval_s: float = Field(2.0, ge=0, description="keep at most one frame per this many seconds (frames in a row are near duplicates)")
+    crops: bool = Field(False, description="keep the predictions' boxes cut out of the frame instead of the whole frame")
+    jpeg_quality: int = Field(85, ge=10, le=100, description="JPEG quality of kept frames")
+    max_per_day: int = Field(500, ge=0, description="most frames kept a day (UTC); more are counted and dropped")
+    max_mb: float = Field(256.0, gt=0, description="most space the capture spool takes; the oldest waiting captures are dropped (and counted) past it")
+    max_age_days: float = Field(14.0, gt=0, description="captures waiting longer than this are dropped (and counted)")
+    queue: int = Field(8, ge=1, description="frames waiting to be encoded, at most; the pipeline never waits, a frame beyond is counted and dropped")
+    spool: Path = Field(Path("var/captures"), description="durable spool: captures wait here until uploaded")
+    bucket: str | None = Field(None, description="S3 bucket; captures go to s3://BUCKET/captures/{thing}/{date}/{model}/; null: keep them in the spool only")
+    region: str | None = Field(None, description="the bucket's AWS region (default: AWS_REGION)")
+    s3_endpoint_url: str | None = Field(None, description="send S3 requests here instead (a local stand-in; development only)")
+    retry_initial_s: float = Field(1.0, gt=0, description="first wait before retrying a failed upload (doubles up to retry_max_s)")
+    retry_max_s: float = Field(300.0, gt=0, description="longest wait between upload retries")
+    credentials: CredentialSettings = CredentialSettings()
+
+
 class Settings(Section):
     """The whole agent configuration."""
 
@@ -378,6 +425,8 @@ class Settings(Section):
     updates: UpdateSettings = UpdateSettings()
     greengrass: GreengrassSettings = GreengrassSettings()
     log: LogSettings = LogSettings()
+    shadow: ShadowSettings = ShadowSettings()
+    capture: CaptureSettings = CaptureSettings()
 
     @field_validator("state_dir", mode="after")
     @classmethod

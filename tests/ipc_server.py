@@ -334,6 +334,7 @@ class IpcServer:
     errors: list[Answered] = field(default_factory=list)  # every request answered with a modelled error
     numbers_as_floats: bool = True  # GetConfiguration's numbers as the real nucleus sends them (30.0)
     spool_full: bool = False  # while set, PublishToIoTCore fails with ServiceError, as a full spooler makes it
+    environment: dict[str, str] = field(default_factory=dict)  # more variables for components, e.g. the token exchange service's
 
     def __post_init__(self) -> None:
         self._changed = threading.Condition()
@@ -409,6 +410,7 @@ class IpcServer:
             "GG_ROOT_CA_PATH": "/greengrass/v2/rootCA.pem",
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", "/tmp"),
+            **self.environment,
         }
 
     # test controls

@@ -281,7 +281,7 @@ def test_fleet_status_table_counts_versions_and_fails_on_a_failed_device(aws, tm
     failed = fleet(aws, "fleet", "status", "--group", "line-a")
     assert failed.returncode == 1, failed.stderr
     lines = failed.stdout.splitlines()
-    assert lines[0].split() == ["THING", "MODEL", "JOB", "STATUS", "LAST", "SEEN", "REASON"]
+    assert lines[0].split() == ["THING", "MODEL", "JOB", "STATUS", "SHADOW", "LAST", "SEEN", "REASON"]
     assert "FAILED" in lines[3] and "SHA256_MISMATCH download does not match its sha256" in lines[3]
     assert lines[-1] == "3 devices; models 0.9.0: 1, 1.0.0: 2; failed: 1"
 

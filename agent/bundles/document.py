@@ -36,6 +36,20 @@ class UpdateFailed(AgentError):
         self.status = status
 
 
+class ShadowPlan(BaseModel):
+    """How long a candidate runs in shadow beside the serving model, and whether it may then serve.
+
+    Unset fields take the device's `shadow` settings. The evaluation ends at `frames` evaluated frames or
+    `seconds`, whichever comes first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    frames: int | None = Field(None, ge=1, le=1_000_000, description="end after this many frames evaluated by the candidate")
+    seconds: float | None = Field(None, gt=0, le=7 * 24 * 3600, description="end after this long, however many frames were evaluated")
+    every_nth: int | None = Field(None, ge=1, le=1000, description="evaluate every Nth frame the serving model serves")
+    promote_at: float | None = Field(None, ge=0.0, le=1.0, description="promote the candidate (hot swap, health window, rollback) when its agreement reaches this")
+
+
 class ModelUpdate(BaseModel):
     """A job document asking for a model update (deploy/jobs/model-update.schema.json is generated from it)."""
 
@@ -52,6 +66,8 @@ class ModelUpdate(BaseModel):
     size: int = Field(gt=0, description="size of the bundle .zip in bytes")
     signature: Signature | None = Field(None, description="the operator's Ed25519 signature of document_signed_bytes(name, version, sha256, size)")
     allow_downgrade: bool = Field(False, description="install even if older than the version serving now")
+    mode: Literal["serve", "shadow"] = Field("serve", description="serve: swap it in; shadow: verify it, then run it beside the serving model on sampled frames and report agreement, publishing none of its predictions")
+    shadow: ShadowPlan | None = Field(None, description="shadow mode options (default: the device's shadow settings)")
 
 
 JOB_SCHEMA_ID = "https://github.com/edge-agent/schemas/model-update.schema.json"

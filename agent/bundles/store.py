@@ -66,6 +66,18 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(directory))
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` so that a reader (or a crash) sees the old bytes or the new ones, nothing between
+    (a hidden `.tmp` beside it, fsynced, renamed, the directory fsynced)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class ModelStore:
     """Install, activate, roll back and prune model versions under one root directory."""
 
@@ -127,7 +139,7 @@ class ModelStore:
         return self.root / name / f"{version}.json"
 
     def _write_meta(self, stored: StoredModel) -> None:
-        self._replace(self._meta_path(stored.name, stored.version), stored.model_dump_json().encode())
+        replace_file(self._meta_path(stored.name, stored.version), stored.model_dump_json().encode())
 
     def stored(self, name: str, version: str) -> StoredModel:
         """What the store knows of an installed version (its artifact sha256 if it recorded one)."""
@@ -185,15 +197,6 @@ class ModelStore:
         return removed
 
     def _set_state(self, state: StoreState) -> StoreState:
-        self._replace(self.root / STATE_FILE, state.model_dump_json(indent=2).encode())
+        replace_file(self.root / STATE_FILE, state.model_dump_json(indent=2).encode())
         return state
 
-    def _replace(self, path: Path, data: bytes) -> None:
-        """Write `path` so that a reader (or a crash) sees the old bytes or the new ones, nothing between."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)

@@ -151,13 +151,13 @@ class JobRunner:
         """Progress goes out from a sender thread, newest first: the update never waits on a round trip."""
         last: dict[str, int] = {}
 
-        def report(stage: Stage, percent: int) -> None:
+        def report(stage: Stage, percent: int, details: dict[str, str] | None = None) -> None:
             step = percent // PROGRESS_STEP
             if last.get(stage) == step or self._stop.is_set():
                 return
             last[stage] = step
-            with self._progress_lock:
-                self._latest_progress = (job_id, {"stage": stage.value, "progress": str(percent), "run": self.run_id})
+            with self._progress_lock:  # details: a shadow evaluation's figures so far
+                self._latest_progress = (job_id, {"stage": stage.value, "progress": str(percent), **(details or {}), "run": self.run_id})
                 if self._progress_sent.done():
                     self._progress_sent = self._progress_sender.submit(self._send_progress)
 

@@ -51,7 +51,7 @@ RECHECK_AFTER_MS = 5000  # how long a deferred component update waits before the
 RETRY_INITIAL_S, RETRY_MAX_S = 0.5, 5.0  # waits between attempts to reach the nucleus (doubling)
 NOT_SETTINGS = {"accessControl"}  # component configuration keys that are the nucleus's, not ours
 # What a running agent applies between two frames; any other change waits for the next start.
-LIVE = ("source", "model", "topics", "publish_empty", "metrics_interval_s", "greengrass")
+LIVE = ("source", "model", "topics", "publish_empty", "metrics_interval_s", "greengrass", "shadow")
 MODEL_UPDATE = {f"model.{name}" for name in ModelSettings.model_fields} - {"model.score_threshold"}  # a change means a model update
 
 
@@ -316,6 +316,8 @@ class NucleusHost(Host):
             self._subscribe_commands()
         if changed & MODEL_UPDATE:
             self._start_model_update(new)
+        if "shadow.candidate" in changed and new.shadow.candidate is not None:
+            self._start_model_update(new, shadow=True)
         if any(within(name, "source") for name in changed):
             pipeline.replace_source(new.source)  # a source that cannot open is fatal: ERRORED, exit 2
         later = sorted(name for name in changed if not any(within(name, section) for section in LIVE))
@@ -324,14 +326,21 @@ class NucleusHost(Host):
         if later:
             log.warning("configuration %s takes effect when the component restarts", ", ".join(later))
 
-    def _start_model_update(self, settings: Settings) -> None:
-        """The update manager verifies, validates, swaps and watches the new model on its own thread,
-        while frames keep flowing; its outcome is reported between two frames."""
-        self._updates.configure(settings.model, settings.tasks)
-        self._loading.append(self._loader.submit(self._updates.apply_bundle, settings.model.bundle))
+    def _start_model_update(self, settings: Settings, shadow: bool = False) -> None:
+        """The update manager verifies, validates, swaps and watches the new model (or, with `shadow`,
+        evaluates `shadow.candidate` beside the serving one) on its own thread, while frames keep flowing;
+        its outcome is reported between two frames."""
+        self._updates.configure(settings.model, settings.tasks, settings.shadow)
+        if shadow:
+            self._loading.append(self._loader.submit(self._updates.apply_bundle, settings.shadow.candidate, None, self._updates.shadow_plan(None)))
+        else:
+            self._loading.append(self._loader.submit(self._updates.apply_bundle, settings.model.bundle))
 
     def _report_model_update(self, outcome: Outcome) -> None:
         pipeline = self._pipeline
+        if outcome.shadow is not None and outcome.shadow.state != "promoted":  # the serving model is untouched
+            log.log(logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING, "shadow evaluation: %s", outcome.message)
+            return
         if outcome.status == Status.SUCCEEDED:
             pipeline.transport.publish(pipeline.status("online"))
             return

@@ -23,6 +23,7 @@ from agent.fleet.cloud_commands import (
     add_provision_command,
     add_release_commands,
 )
+from agent.fleet.data import add_data_commands
 
 
 def cmd_model_keygen(args: argparse.Namespace) -> int:
@@ -82,7 +83,7 @@ def add_model_group(commands: Subcommands) -> None:
 # `edge-fleet model ...`: functions adding subcommands to the model group.
 MODEL: list[Callable[[Subcommands], None]] = [add_bundle_commands, add_release_commands]
 # `edge-fleet ...`: functions adding top-level commands or groups.
-TOP_LEVEL: list[Callable[[Subcommands], None]] = [add_cloud_commands, add_model_group, add_provision_command, add_fleet_commands, add_job_commands]
+TOP_LEVEL: list[Callable[[Subcommands], None]] = [add_cloud_commands, add_model_group, add_provision_command, add_fleet_commands, add_job_commands, add_data_commands]
 
 
 def build_parser() -> Parser:

@@ -86,6 +86,33 @@ def bundle_argument(value: str) -> Path:
     return SHIPPED_BUNDLE if value == "shipped" else Path(value)
 
 
+def add_shadow_options(parser: argparse.ArgumentParser) -> None:
+    shadow = parser.add_argument_group("shadow evaluation (devices run the model beside the one they serve, publishing none of its predictions)")
+    shadow.add_argument("--shadow", action="store_true", help="evaluate the model in shadow instead of serving it; promote it later with `edge-fleet model promote`")
+    shadow.add_argument("--promote-at", type=float, metavar="AGREEMENT", help="with --shadow: a device whose agreement reaches this (0..1) promotes the model itself")
+    shadow.add_argument("--shadow-frames", type=int, metavar="N", help="with --shadow: end after N frames evaluated (default: the device's shadow.frames)")
+    shadow.add_argument("--shadow-seconds", type=float, metavar="S", help="with --shadow: end after S seconds (default: the device's shadow.seconds)")
+    shadow.add_argument("--every-nth", type=int, metavar="N", help="with --shadow: evaluate every Nth frame (default: the device's shadow.every_nth)")
+
+
+def shadow_from(args: argparse.Namespace):
+    """The shadow plan the flags ask for, None without --shadow; a ConfigError naming a bad flag."""
+    from agent.bundles.document import ShadowPlan
+
+    values = {"promote_at": args.promote_at, "frames": args.shadow_frames, "seconds": args.shadow_seconds, "every_nth": args.every_nth}
+    flags = {"promote_at": "--promote-at", "frames": "--shadow-frames", "seconds": "--shadow-seconds", "every_nth": "--every-nth"}
+    given = {name: value for name, value in values.items() if value is not None}
+    if not args.shadow:
+        if given:
+            raise ConfigError(f"{', '.join(flags[name] for name in given)}: only with --shadow")
+        return None
+    try:
+        return ShadowPlan.model_validate(given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{flags[str(first['loc'][0])]}: {first['msg']} (got {first.get('input')!r})") from None
+
+
 def add_target_options(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--thing", help="one device (thing name)")
@@ -114,6 +141,7 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
 
     aws = make_aws(args)
     rollout = rollout_from(args)
+    shadow = shadow_from(args)
     check_engine(args.via, args.presign_role_arn)
     file_name = artifact_file_name(load_recipe(args.recipe)) if args.via == "greengrass" else "bundle.zip"
     with tempfile.TemporaryDirectory(prefix="edge-publish-") as workdir:
@@ -121,22 +149,35 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
         target = target_arn(aws, args.thing, args.group)
         upload(aws, artifact, release)
     result = roll_out(
-        aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=True, allow_downgrade=args.allow_downgrade, continuous=args.continuous
+        aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=True, allow_downgrade=args.allow_downgrade, continuous=args.continuous, shadow=shadow
     )
-    return report(aws, {"model": release.name, "version": release.version, "sha256": release.sha256, "s3": f"s3://{release.bucket}/{release.key}", **result})
+    mode = {"mode": "shadow"} if shadow is not None else {}
+    return report(aws, {"model": release.name, "version": release.version, "sha256": release.sha256, "s3": f"s3://{release.bucket}/{release.key}", **mode, **result})
 
 
-def cmd_model_rollback(args: argparse.Namespace) -> int:
+def redeploy(args: argparse.Namespace, version: str, *, allow_downgrade: bool, kind: str) -> int:
+    """Roll out a version published earlier, from its release record: `model promote` and `model rollback`."""
     from agent.fleet.publish import find_release
     from agent.fleet.rollout import check_engine, roll_out, target_arn
 
     aws = make_aws(args)
     rollout = rollout_from(args)
     check_engine(args.via, args.presign_role_arn)
-    release = find_release(aws, args.bucket, args.to, args.name)
+    release = find_release(aws, args.bucket, version, args.name)
     target = target_arn(aws, args.thing, args.group)
-    result = roll_out(aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=False, allow_downgrade=True, continuous=args.continuous)
-    return report(aws, {"model": release.name, "version": release.version, "rollback": True, **result})
+    result = roll_out(
+        aws, release, target, args.via, rollout, presign_role_arn=args.presign_role_arn, recipe=args.recipe, new_component=False, allow_downgrade=allow_downgrade, continuous=args.continuous, promote=kind == "promote"
+    )
+    return report(aws, {"model": release.name, "version": release.version, kind: True, **result})
+
+
+def cmd_model_promote(args: argparse.Namespace) -> int:
+    """The version's serve-mode document: devices that evaluated it in shadow serve their stored copy."""
+    return redeploy(args, args.version, allow_downgrade=False, kind="promote")
+
+
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    return redeploy(args, args.to, allow_downgrade=True, kind="rollback")
 
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
@@ -215,9 +256,19 @@ def add_release_commands(model: Subcommands) -> None:
     publish.add_argument("--bucket", required=True, help="S3 bucket for model artifacts (must exist)")
     publish.add_argument("--signing-key", type=Path, default=DEFAULT_PRIVATE_KEY, help=f"Ed25519 private key (default {DEFAULT_PRIVATE_KEY})")
     publish.add_argument("--allow-downgrade", action="store_true", help="let devices install it even if they run a newer version")
+    add_shadow_options(publish)
     add_rollout_options(publish)
     add_aws_options(publish, changes=True)
     publish.set_defaults(handler=cmd_model_publish)
+
+    promote = model.add_parser("promote", help="serve a version evaluated in shadow: devices swap in the copy they verified and stored (no second download)")
+    add_target_options(promote)
+    promote.add_argument("--version", required=True, help="the version published with --shadow")
+    promote.add_argument("--bucket", required=True, help="S3 bucket the version was published to")
+    promote.add_argument("--name", help="model name (default: the one model in the bucket with that version)")
+    add_rollout_options(promote)
+    add_aws_options(promote, changes=True)
+    promote.set_defaults(handler=cmd_model_promote)
 
     rollback = model.add_parser("rollback", help="roll a thing or group back to an already-published version")
     add_target_options(rollback)

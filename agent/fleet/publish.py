@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
 from agent.bundles.bundle import SIGNATURE, open_bundle, sha256_file
-from agent.bundles.document import ModelUpdate, document_signed_bytes
+from agent.bundles.document import ModelUpdate, ShadowPlan, document_signed_bytes
 from agent.bundles.signing import Signature, key_id, load_private_key, load_public_key, sign
 from agent.errors import ModelError
 from agent.fleet.aws import Aws
@@ -46,8 +46,9 @@ class Release:
     def s3_url(self, region: str) -> str:
         return f"https://s3.{region}.amazonaws.com/{self.bucket}/{self.key}"
 
-    def document(self, region: str, allow_downgrade: bool = False) -> ModelUpdate:
-        """The IoT Jobs document; IoT Core swaps the placeholder for a presigned URL on delivery."""
+    def document(self, region: str, allow_downgrade: bool = False, shadow: ShadowPlan | None = None) -> ModelUpdate:
+        """The IoT Jobs document; IoT Core swaps the placeholder for a presigned URL on delivery. With
+        `shadow`, devices evaluate the model beside the one they serve instead of serving it."""
         return ModelUpdate(
             operation="model-update",
             name=self.name,
@@ -57,6 +58,8 @@ class Release:
             size=self.size,
             signature=self.signature,
             allow_downgrade=allow_downgrade,
+            mode="shadow" if shadow is not None else "serve",
+            shadow=shadow,
         )
 
 

@@ -23,9 +23,13 @@ from agent.fleet.aws import Aws
 from agent.settings import SHIPPED
 
 if TYPE_CHECKING:  # publish pulls in the device-side update code; `--help` should not
+    from agent.bundles.document import ShadowPlan
     from agent.fleet.publish import Release
 
 DEFAULT_RECIPE = SHIPPED / "model-recipe.json"  # deploy/greengrass/model/recipe.json, shipped in the package
+AGENT_COMPONENT = "com.example.EdgeAgent"  # deploy/greengrass/recipe.json: whose configuration names a shadow candidate
+CANDIDATE_SUFFIX = ".Candidate"  # a model in shadow is a component of its own, beside the one serving
+GREENGRASS_ROOT = "/greengrass/v2"  # where the nucleus unpacks artifacts on the devices
 PRESIGNED_URL_SECONDS = 3600
 
 
@@ -83,16 +87,16 @@ def job_id(release: Release) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", f"model-{release.name}-{release.version}")[:41] + f"-{stamp}-{secrets.token_hex(2)}"
 
 
-def create_job(aws: Aws, release: Release, target: str, rollout: Rollout, presign_role_arn: str, *, allow_downgrade: bool = False, continuous: bool = False) -> dict[str, Any]:
+def create_job(aws: Aws, release: Release, target: str, rollout: Rollout, presign_role_arn: str, *, allow_downgrade: bool = False, continuous: bool = False, shadow: ShadowPlan | None = None) -> dict[str, Any]:
     """An IoT Job carrying the model-update document, its URL presigned by IoT Core with `presign_role_arn`."""
-    document = release.document(aws.region, allow_downgrade=allow_downgrade).model_dump(mode="json", exclude_none=True)
+    document = release.document(aws.region, allow_downgrade=allow_downgrade, shadow=shadow).model_dump(mode="json", exclude_none=True)
     reply = aws.call(
         "iot",
         "create_job",
         jobId=job_id(release),
         targets=[target],
         document=json.dumps(document, separators=(",", ":")),
-        description=f"model {release.name} {release.version} (sha256 {release.sha256[:12]})",
+        description=f"model {release.name} {release.version}{' in shadow' if shadow else ''} (sha256 {release.sha256[:12]})",
         presignedUrlConfig={"roleArn": presign_role_arn, "expiresInSec": PRESIGNED_URL_SECONDS},
         targetSelection="CONTINUOUS" if continuous else "SNAPSHOT",
         **rollout.job_configuration(),
@@ -140,11 +144,12 @@ def component_recipe(recipe: dict[str, Any], release: Release) -> dict[str, Any]
     return {**recipe, "ComponentVersion": release.version, "Manifests": manifests}
 
 
-def create_deployment(aws: Aws, component: str, version: str, target: str, rollout: Rollout) -> dict[str, Any]:
+def create_deployment(aws: Aws, component: str, version: str, target: str, rollout: Rollout, *, configure: dict[str, dict] | None = None, remove: str | None = None) -> dict[str, Any]:
     """A Greengrass deployment of `component` at `version` to `target`, keeping the target's other components.
 
     A deployment replaces the target's previous one, so the latest deployment's components and policies are
-    carried over and only this component's version changes.
+    carried over and only this component's version changes (and, with `configure`, a component's configuration
+    is merged; with `remove`, a component is left out).
     """
     components: dict[str, Any] = {}
     policies: dict[str, Any] = {"failureHandlingPolicy": "ROLLBACK", "componentUpdatePolicy": {"action": "NOTIFY_COMPONENTS", "timeoutInSeconds": 60}}
@@ -153,7 +158,11 @@ def create_deployment(aws: Aws, component: str, version: str, target: str, rollo
         current = aws.call("greengrassv2", "get_deployment", deploymentId=latest[0]["deploymentId"])
         components = current.get("components") or {}
         policies = current.get("deploymentPolicies") or policies
-    components = {**components, component: {**components.get(component, {}), "componentVersion": version}}
+    components = {name: value for name, value in {**components, component: {**components.get(component, {}), "componentVersion": version}}.items() if name != remove}
+    for name, merge in (configure or {}).items():
+        if name not in components:
+            raise ConfigError(f"component {name} is not in the latest deployment to {target}; deploy the agent component there first")
+        components[name] = {**components[name], "configurationUpdate": {"merge": json.dumps(merge)}}
     reply = aws.call(
         "greengrassv2",
         "create_deployment",
@@ -166,19 +175,38 @@ def create_deployment(aws: Aws, component: str, version: str, target: str, rollo
     return {"via": "greengrass", "deployment_id": reply["deploymentId"], "iot_job_id": reply.get("iotJobId"), "target": target, "components": components}
 
 
-def publish_component(aws: Aws, release: Release, recipe_path: Path, target: str, rollout: Rollout) -> dict[str, Any]:
-    """A new model component version for the release, deployed to `target`."""
+def publish_component(aws: Aws, release: Release, recipe_path: Path, target: str, rollout: Rollout, *, promote: bool = False) -> dict[str, Any]:
+    """A new model component version for the release, deployed to `target`; promoting, the candidate component
+    evaluated in shadow leaves the deployment and the agent's shadow.candidate is cleared."""
     recipe = component_recipe(load_recipe(recipe_path), release)
     aws.call("greengrassv2", "create_component_version", inlineRecipe=json.dumps(recipe).encode())
-    return create_deployment(aws, recipe["ComponentName"], release.version, target, rollout)
+    if not promote:
+        return create_deployment(aws, recipe["ComponentName"], release.version, target, rollout)
+    clear = {AGENT_COMPONENT: {"shadow": {"candidate": None}}}
+    return create_deployment(aws, recipe["ComponentName"], release.version, target, rollout, configure=clear, remove=recipe["ComponentName"] + CANDIDATE_SUFFIX)
 
 
-def roll_out(aws: Aws, release: Release, target: str, via: Literal["jobs", "greengrass"], rollout: Rollout, *, presign_role_arn: str | None, recipe: Path, new_component: bool, allow_downgrade: bool = False, continuous: bool = False) -> dict[str, Any]:
-    """Publish and rollback alike: hand the release to the chosen engine."""
+def publish_candidate(aws: Aws, release: Release, recipe_path: Path, target: str, rollout: Rollout, shadow: ShadowPlan) -> dict[str, Any]:
+    """The release as the model's candidate component, deployed beside the serving one, and the agent's
+    configuration naming where the nucleus unpacks it as `shadow.candidate` (agent.cloud.nucleus evaluates it)."""
+    recipe = component_recipe(load_recipe(recipe_path), release)
+    candidate = recipe["ComponentName"] + CANDIDATE_SUFFIX
+    aws.call("greengrassv2", "create_component_version", inlineRecipe=json.dumps({**recipe, "ComponentName": candidate}).encode())
+    folder = PurePosixPath(artifact_file_name(recipe)).stem
+    plan = {"candidate": f"{GREENGRASS_ROOT}/packages/artifacts-unarchived/{candidate}/{release.version}/{folder}", **shadow.model_dump(exclude_none=True)}
+    return create_deployment(aws, candidate, release.version, target, rollout, configure={AGENT_COMPONENT: {"shadow": plan}})
+
+
+def roll_out(aws: Aws, release: Release, target: str, via: Literal["jobs", "greengrass"], rollout: Rollout, *, presign_role_arn: str | None, recipe: Path, new_component: bool, allow_downgrade: bool = False, continuous: bool = False, shadow: ShadowPlan | None = None, promote: bool = False) -> dict[str, Any]:
+    """Publish, promote and rollback alike: hand the release to the chosen engine (in shadow mode: to be
+    evaluated beside the serving model). Promoting through IoT Jobs is the release's serve-mode document (the
+    devices serve the copy in their store); through Greengrass, the release as the model component's version."""
     if via == "jobs":
-        return create_job(aws, release, target, rollout, presign_role_arn, allow_downgrade=allow_downgrade, continuous=continuous)
-    if new_component:
-        return publish_component(aws, release, recipe, target, rollout)
+        return create_job(aws, release, target, rollout, presign_role_arn, allow_downgrade=allow_downgrade, continuous=continuous, shadow=shadow)
+    if shadow is not None:
+        return publish_candidate(aws, release, recipe, target, rollout, shadow)
+    if new_component or promote:
+        return publish_component(aws, release, recipe, target, rollout, promote=promote)
     return create_deployment(aws, load_recipe(recipe)["ComponentName"], release.version, target, rollout)
 
 

@@ -57,6 +57,7 @@ class Device:
     reason: str | None = None
     last_seen: str | None = None  # ISO 8601 UTC
     connected: bool | None = None  # None: fleet indexing of connectivity is not enabled
+    shadow: str | None = None  # the newest job's shadow evaluation: "candidate version: agreement"
 
     @property
     def failed(self) -> bool:
@@ -114,8 +115,7 @@ def device_status(aws: Aws, thing: str, job: str | None = None) -> Device:
     if summaries:
         newest = max(summaries, key=lambda e: e["jobExecutionSummary"].get("lastUpdatedAt") or e["jobExecutionSummary"].get("queuedAt"))
         device.job_id, device.job_status = newest["jobId"], newest["jobExecutionSummary"]["status"]
-        if device.failed:
-            device.reason = reason_of(aws, device.job_id, thing)
+        read_details(device, execution_details(aws, device.job_id, thing))
     return device
 
 
@@ -178,10 +178,18 @@ def newest_job(aws: Aws, group: str | None) -> str | None:
     return max(jobs, key=lambda job: job["createdAt"])["jobId"] if jobs else None
 
 
-def reason_of(aws: Aws, job: str, thing: str) -> str | None:
+def execution_details(aws: Aws, job: str, thing: str) -> dict[str, str]:
+    """The statusDetails the agent reported for its execution of `job`."""
     execution = aws.call("iot", "describe_job_execution", jobId=job, thingName=thing)["execution"]
-    details = (execution.get("statusDetails") or {}).get("detailsMap") or {}
-    return " ".join(filter(None, (details.get("reason"), details.get("message")))) or None
+    return (execution.get("statusDetails") or {}).get("detailsMap") or {}
+
+
+def read_details(device: Device, details: dict[str, str]) -> None:
+    """A failure's reason, and a shadow evaluation's figures (so far, IN_PROGRESS, or final)."""
+    if device.failed:
+        device.reason = " ".join(filter(None, (details.get("reason"), details.get("message")))) or None
+    if "agreement" in details:
+        device.shadow = f"{details.get('candidate', '?')}: {details['agreement']}{' promoted' if details.get('promoted') == 'true' else ''}"
 
 
 def executions(aws: Aws, job: str, status: str | None = None) -> dict[str, str]:
@@ -198,8 +206,8 @@ def indexed_status(aws: Aws, group: str | None, job: str | None) -> FleetStatus:
         for device in devices:
             if device.thing in statuses:
                 device.job_id, device.job_status = job, statuses[device.thing]
-                if device.failed:
-                    device.reason = reason_of(aws, job, device.thing)
+                if device.failed or device.job_status == "IN_PROGRESS":  # a reason, or a shadow evaluation's figures
+                    read_details(device, execution_details(aws, job, device.thing))
     return FleetStatus(sorted(devices, key=lambda device: device.thing), source="fleet-index")
 
 
@@ -272,7 +280,7 @@ def counted_progress(status: FleetStatus) -> RolloutProgress:
     return RolloutProgress(job, len(status.devices), {name: counts.get(name, 0) for name in PROCESS_COUNTS}, status.versions)
 
 
-COLUMNS = (("THING", "thing"), ("MODEL", "model_version"), ("JOB", "job_id"), ("STATUS", "job_status"), ("LAST SEEN", "last_seen"), ("REASON", "reason"))
+COLUMNS = (("THING", "thing"), ("MODEL", "model_version"), ("JOB", "job_id"), ("STATUS", "job_status"), ("SHADOW", "shadow"), ("LAST SEEN", "last_seen"), ("REASON", "reason"))
 
 
 def render(status: FleetStatus, colour: bool = False) -> str:

@@ -161,7 +161,8 @@ class Pipeline:
         self._between_frames.append(callback)
 
     def add_update_listener(self, listener: Callable) -> None:
-        """Told every model update's outcome (agent.updates.manager.Outcome) through `report_update`."""
+        """Told every model update's outcome (agent.updates.manager.Outcome) and shadow evaluation's figures
+        (agent.messages.ShadowFigures) through `report_update`."""
         self._update_listeners.append(listener)
 
     def report_update(self, outcome) -> None:

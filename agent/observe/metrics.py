@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,6 +20,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from agent.messages import ShadowFigures
+from agent.updates.manager import Outcome
 
 if TYPE_CHECKING:
     from agent.inference.pipeline import Pipeline
@@ -31,6 +34,16 @@ UPDATE_OUTCOMES = ("succeeded", "failed", "rejected")
 STAGES = ("find", "classify", "total")
 # Seconds: from a fast classify (0.1 ms) to a badly overloaded frame (2 s).
 LATENCY_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# A shadow evaluation's figures (agent.messages.ShadowFigures), one gauge each, labelled by candidate.
+SHADOW_FIGURES = {
+    "agreement": "Share of predictions a candidate in shadow agrees on with the serving model",
+    "box_match": "Share of predictions a candidate in shadow matched by box (IoU 0.5) with the serving model",
+    "label_agreement": "Of a shadow candidate's matched predictions, the share with the serving model's label",
+    "score_drift": "Mean score of a shadow candidate minus the serving model's, over matched predictions",
+    "latency_ratio": "Median time per frame of a shadow candidate over the serving model's",
+    "frames": "Frames a candidate in shadow evaluated",
+    "frames_skipped": "Sampled frames a candidate in shadow skipped (busy or over its CPU budget)",
+}
 
 
 class Health:
@@ -82,6 +95,10 @@ class Metrics:
             self.update_attempts.labels(outcome, "")
         for stage in ("source", "inference"):
             self.watchdog_restarts.labels(stage)
+        self.shadow = {
+            figure: Gauge(f"edge_agent_shadow_{figure}", help_text, ["model", "candidate"], registry=self.registry) for figure, help_text in SHADOW_FIGURES.items()
+        }
+        self.shadow_running = Gauge("edge_agent_shadow_running", "1 while a candidate model runs in shadow", registry=self.registry)
         self._stages = [self.stage_latency.labels(stage) for stage in STAGES]
         self.registry.register(_AgentCollector(pipeline, transport_name, health))
 
@@ -91,6 +108,24 @@ class Metrics:
             latency = result.latency
             for histogram, ms in zip(self._stages, (latency.find_ms, latency.classify_ms, latency.total_ms)):
                 histogram.observe(ms / 1e3)
+
+    def on_update(self, event) -> None:
+        """Pipeline update listener: an update's outcome is counted; shadow figures set the shadow gauges."""
+        if isinstance(event, ShadowFigures):
+            self.shadow_figures(event)
+        elif isinstance(event, Outcome):
+            self.count_update(event.status.value, event.reason)
+
+    def shadow_figures(self, figures: ShadowFigures) -> None:
+        for figure, gauge in self.shadow.items():
+            value = getattr(figures, figure)
+            if value is not None:
+                gauge.labels(figures.candidate.name, figures.candidate.version).set(value)
+        self.shadow_running.set(int(figures.state == "running"))
+
+    def count_captures(self, stats) -> None:
+        """Data capture's counts (agent.capture.spool.SpoolStats), read at scrape time."""
+        self.registry.register(_CaptureCollector(stats))
 
     def count_update(self, outcome: str, reason: str | None = None) -> None:
         """One model update attempt ended: `outcome` is its Jobs status, `reason` its reason code if it failed."""
@@ -102,6 +137,29 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric, for `/metrics`."""
         return generate_latest(self.registry)
+
+
+class _CaptureCollector(Collector):
+    """Frames kept for retraining, dropped, waiting and uploaded, from the capture spool's own counts."""
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        kept = CounterMetricFamily("edge_agent_captures_kept", "Frames kept for retraining, by strategy", labels=["strategy"])
+        for strategy in ("near_threshold", "disagreement", "random"):
+            kept.add_metric([strategy], stats.kept[strategy])
+        yield kept
+        dropped = CounterMetricFamily("edge_agent_captures_dropped", "Frames chosen but not kept, or thrown away unsent, by reason", labels=["reason"])
+        for reason in ("daily_limit", "queue_full", "spool_full", "too_old", "write_failed"):
+            dropped.add_metric([reason], stats.dropped[reason])
+        yield dropped
+        yield CounterMetricFamily("edge_agent_captures_uploaded", "Captures put in S3", value=stats.uploaded)
+        yield CounterMetricFamily("edge_agent_captures_uploaded_bytes", "Bytes of captures put in S3", value=stats.uploaded_bytes)
+        yield CounterMetricFamily("edge_agent_capture_upload_failures", "Upload rounds that failed (and were retried)", value=stats.upload_failures)
+        yield GaugeMetricFamily("edge_agent_captures_waiting", "Captures in the spool waiting for upload", value=stats.waiting)
+        yield GaugeMetricFamily("edge_agent_captures_waiting_bytes", "Bytes of captures waiting in the spool", value=stats.waiting_bytes)
 
 
 class _AgentCollector(Collector):

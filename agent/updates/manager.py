@@ -7,6 +7,10 @@ runtime, tensors match the manifest, golden-set accuracy at or above the manifes
 scores) -> record it active in the store. Any failure leaves the old model serving and comes back as an
 `Outcome` with a reason code a fleet dashboard can count and a one-line message a person can act on.
 
+In shadow mode the verified candidate is not activated: it runs beside the serving model on sampled frames
+(agent.updates.shadow) and stays installed in the store, so a later promotion (the same document in serve
+mode, or `promote_at` reached) swaps it in through the same activation without downloading it again.
+
 All of this runs on the caller's (update) thread; the pipeline thread only ever sees the swap. A model is
 recorded active in the store only after its health window, so one that kills the process comes back, on
 restart, as the model that served before it.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
 import tempfile
 import threading
 import zipfile
@@ -35,6 +40,7 @@ from agent.bundles.bundle import (
 )
 from agent.bundles.document import (
     ModelUpdate,
+    ShadowPlan as RequestedShadow,
     Status,
     UpdateFailed,
     document_signed_bytes,
@@ -47,13 +53,28 @@ from agent.bundles.store import ModelStore, check_name_version
 from agent.errors import ModelError, Reason
 from agent.inference.backends import Backend
 from agent.inference.model import Inference, LoadedModel, load_model
-from agent.settings import ModelSettings, Settings, TaskSettings, UpdateSettings
+from agent.messages import ShadowFigures
+from agent.settings import (
+    ModelSettings,
+    Settings,
+    ShadowSettings,
+    TaskSettings,
+    UpdateSettings,
+)
+from agent.updates.shadow import (
+    ShadowDisagreement,
+    ShadowPlan,
+    ShadowRun,
+    ShadowTap,
+    status_details,
+)
 
 if TYPE_CHECKING:
     from agent.inference.pipeline import Pipeline
     from agent.inference.slot import ModelSlot
 
 MAX_MANIFEST_BYTES = 1 << 20
+LISTENER_STEP = 10  # percent: shadow figures go to listeners (metrics topic, /metrics) at each tenth of the run
 log = logging.getLogger(__name__)
 
 
@@ -63,9 +84,10 @@ class Stage(StrEnum):
     VALIDATING = "validating"
     ACTIVATING = "activating"
     WATCHING = "watching"
+    SHADOW = "shadow"
 
 
-StageProgress = Callable[[Stage, int], None]  # stage, percent 0..100
+StageProgress = Callable[..., None]  # stage, percent 0..100[, details: dict[str, str] (shadow figures so far)]
 
 
 class Outcome(BaseModel):
@@ -78,6 +100,7 @@ class Outcome(BaseModel):
     message: str
     name: str | None = None
     version: str | None = None
+    shadow: ShadowFigures | None = None  # a shadow evaluation's final figures
 
     def status_details(self) -> dict[str, str]:
         """The Jobs `statusDetails` map (string values only, as IoT Jobs requires)."""
@@ -86,6 +109,8 @@ class Outcome(BaseModel):
             details["reason"] = self.reason.value
         if self.version:
             details["version"] = self.version
+        if self.shadow:
+            details |= {**status_details(self.shadow), "promoted": str(self.shadow.state == "promoted").lower()}
         return details
 
 
@@ -146,6 +171,14 @@ class HealthWatch:
         return None
 
 
+class ShadowFailed(UpdateFailed):
+    """The candidate crashed, stalled or saw no frame in shadow; `figures` is how far it got."""
+
+    def __init__(self, reason: Reason, message: str, figures: ShadowFigures):
+        super().__init__(reason, message)
+        self.figures = figures
+
+
 class UnusableOutput(Exception):
     """The new model's output failed the health watch's check (NaN, infinity)."""
 
@@ -183,28 +216,43 @@ class WatchedModel(LoadedModel):
 class UpdateManager:
     """Applies updates one at a time to the model serving in `slot`, keeping versions in `store`."""
 
-    def __init__(self, settings: UpdateSettings, model: ModelSettings, tasks: TaskSettings, slot: ModelSlot, listeners: Sequence[Callable[[Outcome], None]] = ()):
+    def __init__(
+        self,
+        settings: UpdateSettings,
+        model: ModelSettings,
+        tasks: TaskSettings,
+        slot: ModelSlot,
+        listeners: Sequence[Callable[[Outcome | ShadowFigures | ShadowDisagreement], None]] = (),
+        shadow: ShadowSettings = ShadowSettings(),
+    ):
         self.settings = settings
-        self.listeners = list(listeners)  # told every outcome (metrics, status)
+        self.shadow_settings = shadow
+        self.listeners = list(listeners)  # told every outcome, shadow figures and disagreements (metrics, status, capture)
         self.slot = slot
         self.store = ModelStore(settings.store, keep=settings.keep)
         self.watch = HealthWatch(settings.health_frames)
+        self.shadow_tap = ShadowTap(lambda: model.score_threshold)
         self._lock = threading.Lock()
         self.configure(model, tasks)
 
     @classmethod
     def serving(cls, settings: Settings, pipeline: Pipeline) -> UpdateManager:
-        """The update manager of a running pipeline: it swaps the pipeline's slot, watches its frames, and
-        tells the pipeline's update listeners every outcome."""
-        manager = cls(settings.updates, settings.model, settings.tasks, pipeline.slot, [pipeline.report_update])
+        """The update manager of a running pipeline: it swaps the pipeline's slot, watches its frames (health
+        window, shadow evaluation), tells the pipeline's update listeners every outcome and shadow figures,
+        and publishes shadow figures on the metrics topic."""
+        manager = cls(settings.updates, settings.model, settings.tasks, pipeline.slot, [pipeline.report_update, publish_shadow_figures(pipeline)], settings.shadow)
+        manager.shadow_tap = ShadowTap(lambda: pipeline.tuning.score_threshold)
         pipeline.add_observer(manager.watch)
+        pipeline.add_observer(manager.shadow_tap)
         return manager
 
-    def configure(self, model: ModelSettings, tasks: TaskSettings) -> None:
-        """The model settings (trusted keys, backend) and task settings that the next update loads with."""
+    def configure(self, model: ModelSettings, tasks: TaskSettings, shadow: ShadowSettings | None = None) -> None:
+        """The model settings (trusted keys, backend), task settings and shadow settings the next update uses."""
         require_signature = model.require_signature and not self.settings.allow_unsigned
         self.model_settings = model.model_copy(update={"require_signature": require_signature})
         self.task_settings = tasks
+        if shadow is not None:
+            self.shadow_settings = shadow
 
     # -- entry points ------------------------------------------------------------------------------
 
@@ -214,10 +262,17 @@ class UpdateManager:
             update = parse_update(document)
         except UpdateFailed as failed:
             return self._told(Outcome(status=failed.status, reason=failed.reason, message=str(failed)))
-        return self._told(self._run(update.name, update.version, lambda report, tmp: self._download(update, report, tmp), progress, update))
+        shadow = self.shadow_plan(update.shadow) if update.mode == "shadow" else None
+        return self._told(self._run(update.name, update.version, lambda report, tmp: self._download(update, report, tmp), progress, update, shadow))
 
-    def apply_bundle(self, path: Path, progress: StageProgress | None = None) -> Outcome:
-        """Apply a bundle already on disk (directory or .zip), e.g. a Greengrass model component's artifact."""
+    def shadow_plan(self, requested: RequestedShadow | None) -> ShadowPlan:
+        """A job document's shadow options over the device's shadow settings."""
+        chosen = self.shadow_settings.model_dump(exclude={"candidate"}) | (requested.model_dump(exclude_none=True) if requested else {})
+        return ShadowPlan(**chosen)
+
+    def apply_bundle(self, path: Path, progress: StageProgress | None = None, shadow: ShadowPlan | None = None) -> Outcome:
+        """Apply a bundle already on disk (directory or .zip), e.g. a Greengrass model component's artifact;
+        with `shadow`, evaluate it beside the serving model instead of serving it."""
         path = Path(path)
         try:
             raw = read_manifest(path, str(path))[0] if path.is_dir() else _zip_manifest(path)
@@ -225,12 +280,13 @@ class UpdateManager:
             check_name_version(name, version)
         except ModelError as exc:
             return self._told(Outcome(status=Status.FAILED, reason=Reason.INVALID_BUNDLE, message=str(exc)))
-        return self._told(self._run(name, version, lambda report, tmp: path, progress, None))
+        return self._told(self._run(name, version, lambda report, tmp: path, progress, None, shadow))
 
-    def _told(self, outcome: Outcome) -> Outcome:
+    def _told(self, event):
+        """Tell every listener an outcome, shadow figures, or a shadow disagreement (from the candidate's thread)."""
         for listener in self.listeners:
-            listener(outcome)
-        return outcome
+            listener(event)
+        return event
 
     def check_downgrade(self, update: ModelUpdate) -> None:
         """REJECTED for an older version than the one serving, unless the document or settings allow it."""
@@ -246,35 +302,83 @@ class UpdateManager:
 
     # -- the steps ------------------------------------------------------------------------------------
 
-    def _run(self, name: str, version: str, obtain: Callable[[Progress, Path], Path], progress: StageProgress | None, update: ModelUpdate | None) -> Outcome:
-        report = progress or (lambda stage, percent: None)
+    def _run(self, name: str, version: str, obtain: Callable[[Progress, Path], Path], progress: StageProgress | None, update: ModelUpdate | None, shadow: ShadowPlan | None = None) -> Outcome:
+        report = progress or (lambda stage, percent, details=None: None)
         with self._lock:
             serving = self.slot.active.ref
             if (serving.name, serving.version) == (name, version):
                 return Outcome(status=Status.SUCCEEDED, message=f"{name} {version} is already serving", name=name, version=version)
+            figures = None
             try:
                 if update is not None:
                     self.check_downgrade(update)
                     self._verify_document(update)
-                with tempfile.TemporaryDirectory(prefix="edge-update-", dir=self._downloads()) as tmp:
-                    artifact = obtain(lambda fraction: report(Stage.DOWNLOADING, int(fraction * 100)), Path(tmp))
-                    report(Stage.VERIFYING, 0)
-                    if update is not None:
-                        self._check_artifact(update, artifact)
-                    installed = self._install(artifact, name, version, update.sha256 if update else None)
+                installed = self._stored(update)
+                if installed is None:
+                    with tempfile.TemporaryDirectory(prefix="edge-update-", dir=self._downloads()) as tmp:
+                        artifact = obtain(lambda fraction: report(Stage.DOWNLOADING, int(fraction * 100)), Path(tmp))
+                        report(Stage.VERIFYING, 0)
+                        if update is not None:
+                            self._check_artifact(update, artifact)
+                        installed = self._install(artifact, name, version, update.sha256 if update else None)
                 try:
                     model = self._validate(installed, name, version, report)
+                    if shadow is not None:
+                        figures = self._shadow(model, shadow, report)
+                        if shadow.promote_at is None or figures.agreement is None or figures.agreement < shadow.promote_at:
+                            model.backend.close()  # evaluated; it stays in the store, not in memory
+                            return Outcome(status=Status.SUCCEEDED, message=_judged(figures, shadow), name=name, version=version, shadow=figures)
+                        log.info("shadow: %s %s agrees %.4f >= %.4f: promoting it", name, version, figures.agreement, shadow.promote_at)
                     self._activate(model, report)
                 except BaseException:
                     self.store.discard(name, version)
                     raise
                 self.store.prune()
             except UpdateFailed as failed:
-                return Outcome(status=failed.status, reason=failed.reason, message=str(failed), name=name, version=version)
+                return Outcome(status=failed.status, reason=failed.reason, message=str(failed), name=name, version=version, shadow=getattr(failed, "figures", figures))
             except Exception as exc:  # noqa: BLE001 -- a fault of ours must still end the job, not hang it
                 log.exception("update %s %s failed unexpectedly", name, version)
                 return Outcome(status=Status.FAILED, reason=Reason.INTERNAL_ERROR, message=f"agent fault while updating: {type(exc).__name__}: {exc}", name=name, version=version)
+            if figures is not None:
+                promoted = figures.model_copy(update={"state": "promoted"})
+                self._told(promoted)
+                return Outcome(status=Status.SUCCEEDED, message=f"{_judged(figures, shadow)}; promoted: {name} {version} is serving", name=name, version=version, shadow=promoted)
             return Outcome(status=Status.SUCCEEDED, message=f"{name} {version} is serving", name=name, version=version)
+
+    def _stored(self, update: ModelUpdate | None) -> Path | None:
+        """The store's copy of the document's artifact, installed earlier (a shadow candidate being promoted):
+        no second download. Its signature and hashes are checked again when it is loaded."""
+        if update is None or not self.store.path(update.name, update.version).is_dir():
+            return None
+        if self.store.stored(update.name, update.version).artifact_sha256 != update.sha256:
+            return None
+        log.info("update %s %s: verified copy found in the model store; not downloading it again", update.name, update.version)
+        return self.store.path(update.name, update.version)
+
+    def _shadow(self, candidate: LoadedModel, plan: ShadowPlan, report: StageProgress) -> ShadowFigures:
+        """Run the candidate beside the serving model until the plan ends it; UpdateFailed if it crashed or stalled."""
+        manifest = candidate.manifest
+        log.info("shadow: evaluating %s %s on every %s frame for up to %d frames or %g s", manifest.name, manifest.version, _nth(plan.every_nth), plan.frames, plan.seconds)
+        run = ShadowRun(candidate, plan, on_disagreement=self._told)  # data capture keeps those frames
+        told = [-1]
+
+        def progress(figures: ShadowFigures, percent: int) -> None:
+            report(Stage.SHADOW, percent, status_details(figures))
+            if percent // LISTENER_STEP != told[0]:  # metrics topic and /metrics: every tenth of the way
+                told[0] = percent // LISTENER_STEP
+                self._told(figures)
+
+        self.shadow_tap.run = run
+        try:
+            figures = run.run(progress)
+        finally:
+            self.shadow_tap.run = None
+        report(Stage.SHADOW, 100, status_details(figures))
+        self._told(figures)
+        if run.failure is not None:
+            reason, why = run.failure
+            raise ShadowFailed(reason, f"{manifest.name} {manifest.version} failed in shadow after {figures.frames} frames: {why}", figures)
+        return figures
 
     def _downloads(self) -> Path:
         path = self.store.root / ".downloads"
@@ -369,6 +473,34 @@ class UpdateManager:
                 self.store.rollback()
             return self.slot.swap(model)
         return None
+
+
+def _nth(n: int) -> str:
+    return {1: "", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
+def _judged(figures: ShadowFigures, plan: ShadowPlan) -> str:
+    """One line on a finished shadow evaluation."""
+    agreement = "no agreement figure" if figures.agreement is None else f"agreement {figures.agreement:.4f}"
+    line = f"{figures.candidate.name} {figures.candidate.version} in shadow: {agreement} over {figures.frames} frames"
+    if plan.promote_at is not None and (figures.agreement is None or figures.agreement < plan.promote_at):
+        line += f", below promote_at {plan.promote_at:g}: not promoted; it stays in the model store for `edge-fleet model promote`"
+    return line
+
+
+def publish_shadow_figures(pipeline: Pipeline) -> Callable[[Outcome | ShadowFigures], None]:
+    """A listener putting shadow figures on the metrics topic, in a metrics message the pipeline thread makes
+    between two frames (its statistics are the pipeline thread's own)."""
+    waiting: queue.SimpleQueue[ShadowFigures] = queue.SimpleQueue()
+
+    def publish() -> None:
+        while not waiting.empty():
+            transport = pipeline.transport.stats()
+            snapshot = pipeline.metrics(pipeline.tuning.metrics_interval_s, transport.queued, transport.dropped)
+            pipeline.transport.publish(snapshot.model_copy(update={"shadow": waiting.get()}))
+
+    pipeline.between_frames(publish)
+    return lambda event: waiting.put(event) if isinstance(event, ShadowFigures) else None
 
 
 def _zip_manifest(path: Path) -> dict:

@@ -117,7 +117,8 @@ def build_bundle(args: argparse.Namespace) -> None:
     configure_determinism(args.seed, args.threads)
     mnist = load_mnist(args.data)
     x_test, y_test = mnist["x_test"], mnist["y_test"]
-    model = train(mnist["x_train"], mnist["y_train"], epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    x_train, y_train = with_datasets(mnist["x_train"], mnist["y_train"], args.dataset, args.dataset_weight)
+    model = train(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     float_accuracy = accuracy(lambda images: model.predict(images[..., None], batch_size=1000, verbose=0), x_test, y_test)
 
     rng = np.random.default_rng([args.seed, 2_000_000])
@@ -165,6 +166,18 @@ def build_bundle(args: argparse.Namespace) -> None:
     print(f"model.tflite sha256 {manifest.files[MODEL_FILE]}; bundle {out} " + (f"signed by key {signer}" if signer else "UNSIGNED"))
 
 
+def with_datasets(x: np.ndarray, y: np.ndarray, folders: list[Path], weight: int) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST plus the digits of pulled capture datasets (each repeated `weight` times: a few hundred
+    reviewed frames would vanish among 60 000 digits otherwise)."""
+    from models.mnist.dataset import load_dataset
+
+    for folder in folders:
+        images, labels = load_dataset(folder)
+        print(f"dataset {folder}: {len(images)} labelled digits, weight {weight}", flush=True)
+        x, y = np.concatenate([x, *[images] * weight]), np.concatenate([y, *[labels] * weight])
+    return x, y
+
+
 def _tensor(spec) -> dict:
     return {"shape": list(spec.shape), "dtype": spec.dtype, "scale": spec.scale, "zero_point": spec.zero_point}
 
@@ -184,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration-images", type=int, default=1000, help="training images for int8 calibration")
     parser.add_argument("--golden-per-class", type=int, default=30)
     parser.add_argument("--golden-margin", type=float, default=0.02, help="min_golden_accuracy = measured minus this")
+    parser.add_argument("--dataset", type=Path, action="append", default=[], help="a folder from `edge-fleet data pull` (labels.csv reviewed) to train on too (repeatable)")
+    parser.add_argument("--dataset-weight", type=int, default=20, help="times each captured digit is repeated in the training set")
     return parser.parse_args(argv)
 
 
