@@ -160,7 +160,7 @@ def test_frames_in_a_row_are_kept_once_per_interval_and_crops_cut_the_boxes(tmp_
     unsure = [Prediction(label="7", class_index=7, score=0.55, box=Box(x=10, y=20, w=30, h=40)), Prediction(label="1", class_index=1, score=0.9, box=Box(x=80, y=20, w=20, h=40))]
     for index in range(5):
         frame = Frame(image=image, index=index, captured_at=datetime.now(timezone.utc), source="test")
-        result = InferenceResult(**SequenceCounter(THING).envelope(), source="test", frame=index, captured_at=frame.captured_at, model=MODEL, predictions=unsure, latency=StageLatency(find_ms=0, classify_ms=0, total_ms=0))
+        result = InferenceResult(**SequenceCounter(THING).envelope(), source="test", frame=index, captured_at=frame.captured_at, model=MODEL, task="mnist-digits", predictions=unsure, latency=StageLatency(find_ms=0, classify_ms=0, total_ms=0))
         capturer.on_frame(frame, result, 1.0)
     capturer.close()
     [kept] = spool.waiting()
