@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "key_id": "b4524250a20daa73",
-  "signature": "8E/GOtgtLabDrZpaI+UrpuX5FsJtj3JS3QpoBmF6XLpNK0jpI0Jpe5VRrFm3ZmzwaA+yNuc6/DuxW9xEnCMHAw=="
+  "signature": "7+JgKrmJ0ggSt7NYwNW68u4s9l71sOlyYziZS0XaTYXHmRkoSbVPvbP1iABJC6mwY4t7uk7MUlWPzwfl4Jx5Ag=="
 }
