@@ -11,7 +11,8 @@ Per backend:
   per frame: prepare, invokes, predictions), ms;
 - golden: the task's golden-set figure (accuracy for mnist-digits), and agreement with the reference
   backend (litert, one thread): the same top-1 of every golden invoke, and the largest difference of the
-  dequantized outputs in output quantization steps (agrees = all the same top-1 and at most one step);
+  dequantized outputs in output quantization steps (for a float output, the absolute difference); agrees =
+  all the same top-1 and at most one step;
 - rss: resident memory of the process with the model loaded and warm (before the bench decodes its
   frames), MB, and how much of it loading and running the model added.
 """
