@@ -122,13 +122,14 @@ def test_the_device_policy_is_deploy_iot_policy_plus_the_capture_role_alias():
     resolve.attributes["CaptureRoleAlias.RoleAliasArn"] = f"arn:aws:iot:{REGION}:{ACCOUNT}:rolealias/{STACK}-captures"
     statements = resolve(template["Resources"]["DevicePolicy"]["Properties"]["PolicyDocument"])["Statement"]
     expected = json.loads((REPO / "deploy" / "iot" / "policy.json").read_text().replace("arn:aws:iot:REGION:ACCOUNT_ID:", f"arn:aws:iot:{REGION}:{ACCOUNT}:"))
-    assert statements[:-1] == expected["Statement"]
-    assert statements[-1] == {
+    capture = "iot:AssumeRoleWithCertificate"  # by hand (deploy/iot) the role alias is edge-capture; here the stack's
+    assert [s for s in statements if s["Action"] != capture] == [s for s in expected["Statement"] if s["Action"] != capture]
+    assert [s for s in statements if s["Action"] == capture] == [{
         "Sid": "CaptureCredentialsThroughTheRoleAlias",
         "Effect": "Allow",
-        "Action": "iot:AssumeRoleWithCertificate",
+        "Action": capture,
         "Resource": f"arn:aws:iot:{REGION}:{ACCOUNT}:rolealias/{STACK}-captures",
-    }
+    }]
 
 
 def hive_fields(type_text: str) -> dict | None:
