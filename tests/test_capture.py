@@ -27,6 +27,7 @@ from credentials_provider import ContainerCredentials, IotCredentialsProvider
 from test_fleet_cli import ROLE, fleet
 from test_greengrass_ipc import THING as GG_THING
 from test_greengrass_ipc import greengrass  # noqa: F401 (fixture)
+from update_helpers import NEW, SERVING
 
 from agent.app import build_pipeline, capturing
 from agent.capture.spool import CaptureSpool
@@ -47,7 +48,7 @@ from models.mnist.dataset import load_dataset
 THING = "capture-thing"
 ALIAS = "edge-capture"
 BUCKET = "edge-captures"
-MODEL = ModelRef(name="mnist-int8", version="1.1.0", sha256="0" * 64)
+MODEL = ModelRef(name="mnist-int8", version=SERVING, sha256="0" * 64)
 
 
 @pytest.fixture
@@ -215,7 +216,7 @@ def test_kept_frames_reach_s3_under_the_things_prefix_with_their_records(tmp_pat
     s3 = client(bucket, "s3")
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     for capture_id, keys in stored.items():
-        prefix = f"captures/{THING}/{today}/mnist-int8-1.1.0/"
+        prefix = f"captures/{THING}/{today}/mnist-int8-{SERVING}/"
         assert sorted(keys) == [f"{prefix}{capture_id}.jpg", f"{prefix}{capture_id}.json"]
         body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}{capture_id}.json")
         saved = CaptureRecord.model_validate_json(body["Body"].read())
@@ -315,7 +316,7 @@ def test_the_retraining_loop_capture_pull_train_publish_in_shadow_promote(tmp_pa
             assert sorted(map(str, labels)) == sorted(r["label"] for r in rows if r["x"])
 
             # 4. Publish the new model in shadow; IoT Core would presign the URL on delivery: here the test does.
-            candidate = make_bundle(tmp_path / "candidate", None, lambda raw: raw.update(version="1.2.0"))
+            candidate = make_bundle(tmp_path / "candidate", None, lambda raw: raw.update(version=NEW))
             published = fleet(bucket, "model", "publish", candidate, "--thing", THING, "--bucket", "edge-models", "--signing-key", test_key[0], "--presign-role-arn", ROLE, "--shadow", "--shadow-frames", "15")
             assert published.returncode == 0, published.stderr
             job = json.loads(published.stdout)
@@ -324,16 +325,16 @@ def test_the_retraining_loop_capture_pull_train_publish_in_shadow_promote(tmp_pa
             url = s3.generate_presigned_url("get_object", Params={"Bucket": "edge-models", "Key": job["s3"].split("/", 3)[3]}, ExpiresIn=600)
             evaluated = manager.apply({**document, "url": url})
             assert evaluated.status.value == "SUCCEEDED" and evaluated.shadow.agreement == 1.0, evaluated.message
-            assert pipeline.slot.active.ref.version == "1.1.0"
+            assert pipeline.slot.active.ref.version == SERVING
 
             # 5. Promote: the device serves the copy it verified and stored; the URL is never fetched again.
-            promoted = fleet(bucket, "model", "promote", "--thing", THING, "--version", "1.2.0", "--bucket", "edge-models", "--presign-role-arn", ROLE)
+            promoted = fleet(bucket, "model", "promote", "--thing", THING, "--version", NEW, "--bucket", "edge-models", "--presign-role-arn", ROLE)
             assert promoted.returncode == 0, promoted.stderr
             serve = json.loads(iot.get_job_document(jobId=json.loads(promoted.stdout)["job_id"])["document"])
             assert serve["mode"] == "serve" and serve["sha256"] == document["sha256"]
             outcome = manager.apply({**serve, "url": "https://127.0.0.1:9/never-fetched.zip"})
             assert outcome.status.value == "SUCCEEDED", outcome.message
-            assert pipeline.slot.active.ref.version == "1.2.0" and manager.store.state().active.version == "1.2.0"
+            assert pipeline.slot.active.ref.version == NEW and manager.store.state().active.version == NEW
         finally:
             pipeline.stop()
             serving.join(10)

@@ -257,11 +257,12 @@ def test_greengrass_publish_in_shadow_deploys_a_candidate_component_and_promote_
     model, candidate = recipe["ComponentName"], recipe["ComponentName"] + ".Candidate"
     agent = {"com.example.EdgeAgent": {"componentVersion": "0.1.0"}}
     deployed = {**agent, model: {"componentVersion": "0.9.0"}}
-    unpacked = f"/greengrass/v2/packages/artifacts-unarchived/{candidate}/1.0.0/mnist-bundle"
+    version = release.version
+    unpacked = f"/greengrass/v2/packages/artifacts-unarchived/{candidate}/{version}/mnist-bundle"
 
     with Stubber(fleet_aws.client("greengrassv2")) as stub:
         def created(name: str) -> None:
-            stub.add_response("create_component_version", {"componentName": name, "componentVersion": "1.0.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": ANY})
+            stub.add_response("create_component_version", {"componentName": name, "componentVersion": version, "creationTimestamp": 0, "status": {}}, {"inlineRecipe": ANY})
 
         def deployment(components: dict, expected: dict) -> None:
             stub.add_response("list_deployments", {"deployments": [{"deploymentId": "d-1"}]}, {"targetArn": group, "historyFilter": "LATEST_ONLY"})
@@ -270,12 +271,12 @@ def test_greengrass_publish_in_shadow_deploys_a_candidate_component_and_promote_
 
         created(candidate)
         shadow_config = {"shadow": {"candidate": unpacked, "frames": 100, "promote_at": 0.98}}
-        in_shadow = {**deployed, candidate: {"componentVersion": "1.0.0"}, "com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": json.dumps(shadow_config)}}}
+        in_shadow = {**deployed, candidate: {"componentVersion": version}, "com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": json.dumps(shadow_config)}}}
         deployment(deployed, in_shadow)
         roll_out(fleet_aws, release, group, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=True, shadow=RequestedShadow(frames=100, promote_at=0.98))
 
         created(model)
-        promoted = {model: {"componentVersion": "1.0.0"}, "com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": json.dumps({"shadow": {"candidate": None}})}}}
+        promoted = {model: {"componentVersion": version}, "com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": json.dumps({"shadow": {"candidate": None}})}}}
         deployment(in_shadow, promoted)  # the candidate component leaves; the model component serves the release
         roll_out(fleet_aws, release, group, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=False, promote=True)
         stub.assert_no_pending_responses()
