@@ -231,3 +231,16 @@ def test_run_on_the_face_clip_finds_every_face_and_nothing_else():
         assert len(boxes) == len(frame["faces"]), f"frame {frame['frame']} ({frame['scene']}): {predictions}"
         for face in frame["faces"]:
             assert max(overlap(box, face) for box in boxes) >= 0.5, f"frame {frame['frame']} ({frame['scene']}): {face} not found in {boxes}"
+
+
+def test_bench_measures_the_face_bundle_on_its_clip():
+    """`edge-agent bench` as the model card quotes it (the figures are printed, not judged)."""
+    done = run_cli("bench", "--model", FACE_BUNDLE, "--source", FACE_CLIP, "--seconds", "1", timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    print(json.dumps(figures))
+    assert figures["invoke"]["p50"] > 0 and figures["invoke"]["backend"] == "litert"
+    frames = json.loads(FACE_TRUTH.read_text())["frame_count"]
+    assert figures["frame"]["n"] == 3 * frames and figures["frame"]["frame_size"] == [480, 360]
+    assert figures["frame"]["max_predictions_per_frame"] == 2  # the two-faces scene (publishing at 0.5, the default)
+    assert figures["paced_30fps"]["cpu_percent_of_one_core"] > 0 and figures["paced_30fps"]["start_to_first_result_s"] > 0

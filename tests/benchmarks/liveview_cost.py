@@ -27,7 +27,6 @@ from agent.messages import SequenceCounter
 from agent.observe.liveview import LiveView, LiveViewServer
 from agent.observe.metrics import Health, Metrics
 from agent.settings import LiveViewSettings, Settings
-from agent.sources import ImageFilesSource
 from agent.transport.console import ConsoleTransport
 
 
@@ -90,8 +89,8 @@ def run(configuration: str, settings: Settings, frames, seconds: float, fps: flo
 
 
 def warm_pipeline(settings: Settings, frames):
-    """A fresh pipeline (no observers) whose caches and interpreter have seen 30 frames."""
-    pipeline = build_pipeline(settings, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("bench"), source=lambda frames: ImageFilesSource.from_files([]))
+    """A fresh pipeline (no observers) whose caches and interpreter have seen 30 frames (its own source stays unread)."""
+    pipeline = build_pipeline(settings, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("bench"))
     for frame in frames[:30]:
         pipeline.process(frame)
     return pipeline

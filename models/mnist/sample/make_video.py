@@ -1,12 +1,16 @@
-"""Write the bundled sample video: real MNIST test digits on paper, as a webcam looking at a desk sees them.
+"""Write the bundled sample videos: real MNIST test digits on paper, as a webcam looking at a desk sees them.
 
 The agent's demo and its accuracy test run on this video, so it must look like a camera, not like MNIST:
 digits written in ink on paper (and in chalk on a board), 40-120 px tall, under uneven light and a
 shadow, seen in slight perspective by a moving camera, blurred, noisy and JPEG-compressed. Every digit's
 label and box (of its ink, after the warp) is written to truth.json beside the video.
 
+With --hard it writes sample_hard.avi and truth_hard.json: the conditions the digit finder struggles with,
+ruled, squared and coloured paper (lines run through and under the digits), digits close together, a deep
+shadow in every scene, stronger perspective, more blur and noise.
+
 Deterministic: the same seed and the same OpenCV give the same file. Run from the repository root:
-    .venv/bin/python models/mnist/sample/make_video.py
+    .venv/bin/python models/mnist/sample/make_video.py [--hard]
 """
 
 from __future__ import annotations
@@ -24,12 +28,34 @@ from agent.inference.evaluate import load_mnist
 HERE = Path(__file__).resolve().parent
 WIDTH, HEIGHT, FPS = 640, 480, 15
 SCENE_FRAMES = 10
-# Surface of each scene: paper with digits, a chalkboard with digits, or nothing written at all.
-SCENES = ["paper"] * 11 + ["board"] * 3 + ["blank-paper", "blank-board"]
 WORLD = (1000, 800)  # the desk, in world pixels (about frame pixels: the camera's scale is near 1)
 INK_BOX_ALPHA = 0.5  # the truth box covers the ink at least this opaque
-NOISE = 3.0  # sensor noise, grey levels (before the lens blur and the JPEG smooth it)
 MARGIN = 12  # every digit stays this far inside the frame in every frame of its scene
+PAPER_COLOURS = {"yellow": [150, 228, 245], "pink": [212, 196, 246], "blue": [242, 222, 190]}  # BGR, coloured paper
+
+
+@dataclass(frozen=True)
+class Style:
+    """How hard a video is. Surfaces: plain, ruled, grid or coloured paper, a chalkboard, or blank-* (nothing written)."""
+
+    name: str
+    scenes: tuple[str, ...]
+    gap: float  # digits stay this share of their height apart
+    shadow_share: float  # scenes with a moving shadow
+    shadow_depth: tuple[float, float]  # light left in the shadow
+    gradient: float  # lamp gradient across the frame, +-
+    tilt: float  # camera perspective: corner offsets, +- px
+    blur: tuple[float, float]  # defocus sigma, px
+    noise: float  # sensor noise, grey levels (before the lens blur and the JPEG smooth it)
+    quality: int  # MJPG quality, 0-100 (keeps each file near 4 MB)
+
+
+NORMAL = Style("sample", ("paper",) * 11 + ("board",) * 3 + ("blank-paper", "blank-board"), 0.4, 0.7, (0.45, 0.65), 0.5, 22, (0.7, 1.2), 3.0, 40)
+HARD = Style(
+    "sample_hard",
+    ("ruled",) * 5 + ("grid",) * 4 + ("coloured",) * 3 + ("board",) * 2 + ("blank-ruled", "blank-grid"),
+    0.12, 1.0, (0.3, 0.5), 0.8, 45, (1.0, 2.0), 6.0, 30,
+)
 
 
 @dataclass
@@ -55,8 +81,11 @@ def surface(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray
     grain *= 5 / max(float(grain.std()), 1e-6)
     world = desk + (tone + grain)[..., None] * np.array([0.6, 0.8, 1.0], np.float32)
     writable = np.zeros((h, w), bool)
-    if kind.endswith("paper"):
+    paper = kind.removeprefix("blank-")
+    if paper != "board":
         colour = np.array([222, 232, 238], np.float32) + rng.uniform(-12, 8, 3).astype(np.float32)
+        if paper == "coloured":
+            colour = np.array(PAPER_COLOURS[rng.choice(list(PAPER_COLOURS))], np.float32) + rng.uniform(-8, 8, 3).astype(np.float32)
         # Half of the sheets leave the desk in view past one edge of the frame, to show paper edges.
         x0, y0, x1, y1 = 60, 60, w - 60, h - 60
         if rng.random() < 0.5:
@@ -64,6 +93,8 @@ def surface(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray
             cut = int(rng.uniform(150, 230))
             x0, y0, x1, y1 = [x0 + cut * (side == 0), y0 + cut * (side == 1), x1 - cut * (side == 2), y1 - cut * (side == 3)]
         sheet = colour + 3 * smooth_noise(rng, (y1 - y0, x1 - x0), 2)[..., None]
+        if paper in ("ruled", "grid"):
+            rule_lines(rng, sheet, paper)
         world[y0:y1, x0:x1] = sheet
         writable[y0 + 25 : y1 - 25, x0 + 25 : x1 - 25] = True
     else:
@@ -74,14 +105,29 @@ def surface(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray
     return world, writable
 
 
-def camera_path(rng: np.random.Generator) -> list[np.ndarray]:
+def rule_lines(rng: np.random.Generator, sheet: np.ndarray, paper: str) -> None:
+    """Print the lines of ruled paper (light blue rules and a red margin) or squared paper on a sheet."""
+    h, w = sheet.shape[:2]
+    blue = np.array([214, 176, 150], np.float32) + rng.uniform(-10, 10, 3).astype(np.float32)
+    step = rng.uniform(30, 36) if paper == "ruled" else rng.uniform(20, 26)
+    for y in np.arange(rng.uniform(10, step), h, step):
+        cv2.line(sheet, (0, int(y)), (w - 1, int(y)), blue.tolist(), 2 if paper == "ruled" else 1, cv2.LINE_AA)
+    if paper == "grid":
+        for x in np.arange(rng.uniform(5, step), w, step):
+            cv2.line(sheet, (int(x), 0), (int(x), h - 1), blue.tolist(), 1, cv2.LINE_AA)
+    else:
+        margin = int(rng.uniform(60, 110))
+        cv2.line(sheet, (margin, 0), (margin, h - 1), [95, 95, 215], 2, cv2.LINE_AA)
+
+
+def camera_path(rng: np.random.Generator, style: Style) -> list[np.ndarray]:
     """Homographies world -> frame for one scene: a hand-held camera drifting and tilting slightly."""
     w, h = WORLD
     centre = np.array([w / 2, h / 2]) + rng.uniform(-80, 80, 2)
     velocity = rng.uniform(-4, 4, 2)
     angle, spin = rng.uniform(-0.06, 0.06), rng.uniform(-0.004, 0.004)
     scale = rng.uniform(0.92, 1.08)
-    tilt = rng.uniform(-22, 22, (4, 2))  # corner offsets: the slight perspective of a camera not square on
+    tilt = rng.uniform(-style.tilt, style.tilt, (4, 2))  # corner offsets: the slight perspective of a camera not square on
     frame = np.float32([[0, 0], [WIDTH, 0], [WIDTH, HEIGHT], [0, HEIGHT]])
     homographies = []
     for t in range(SCENE_FRAMES):
@@ -104,9 +150,9 @@ def frame_boxes(points: np.ndarray, homographies: list[np.ndarray]) -> list[list
 
 
 def place_digits(
-    rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, writable: np.ndarray, homographies: list[np.ndarray]
+    rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, writable: np.ndarray, homographies: list[np.ndarray], gap_share: float
 ) -> list[Digit]:
-    """1-4 test digits, 40-120 px tall, apart from each other and fully in view for the whole scene."""
+    """1-4 test digits, 40-120 px tall, `gap_share` of their height apart and fully in view for the whole scene."""
     w, h = WORLD
     wanted = int(rng.integers(1, 5))
     digits: list[Digit] = []
@@ -135,7 +181,7 @@ def place_digits(
             continue
         if (boxes[:, 1] + boxes[:, 3]).max() > HEIGHT - MARGIN:
             continue
-        gap = 0.4 * boxes[:, 3].max()
+        gap = gap_share * boxes[:, 3].max()
         grown = np.column_stack([boxes[:, 0] - gap, boxes[:, 1] - gap, boxes[:, 0] + boxes[:, 2] + gap, boxes[:, 1] + boxes[:, 3] + gap])
         if any(_overlaps(grown, other) for other in taken):
             continue
@@ -167,17 +213,17 @@ def write_ink(rng: np.random.Generator, world: np.ndarray, digits: list[Digit], 
     return world * (1 - alpha[..., None]) + ink * alpha[..., None]
 
 
-def lighting(rng: np.random.Generator) -> list[np.ndarray]:
+def lighting(rng: np.random.Generator, style: Style) -> list[np.ndarray]:
     """Per-frame gain: a lamp gradient with vignetting, and for most scenes a soft moving shadow."""
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
     u, v = xs / WIDTH - 0.5, ys / HEIGHT - 0.5
-    gx, gy = rng.uniform(-0.5, 0.5, 2)
+    gx, gy = rng.uniform(-style.gradient, style.gradient, 2)
     base = rng.uniform(0.75, 1.05) * (1 + gx * u + gy * v) * (1 - 0.35 * (u**2 + v**2))
     gains = []
-    has_shadow = rng.random() < 0.7
+    has_shadow = rng.random() < style.shadow_share
     direction = rng.uniform(0, 2 * np.pi)
     nx, ny = np.cos(direction), np.sin(direction)
-    offset, drift, depth = rng.uniform(-0.25, 0.15), rng.uniform(-0.01, 0.01), rng.uniform(0.45, 0.65)
+    offset, drift, depth = rng.uniform(-0.25, 0.15), rng.uniform(-0.01, 0.01), rng.uniform(*style.shadow_depth)
     for t in range(SCENE_FRAMES):
         gain = base.copy()
         if has_shadow:  # the edge of something between the lamp and the desk (an arm, a monitor)
@@ -188,11 +234,11 @@ def lighting(rng: np.random.Generator) -> list[np.ndarray]:
     return gains
 
 
-def render(world: np.ndarray, homography: np.ndarray, gain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def render(world: np.ndarray, homography: np.ndarray, gain: np.ndarray, rng: np.random.Generator, style: Style) -> np.ndarray:
     """What the camera records: the warped world, lit, with sensor noise, defocused and smoothed."""
     view = cv2.warpPerspective(world, homography, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR)
-    view = view * gain[..., None] + rng.normal(0, NOISE, (HEIGHT, WIDTH, 3)).astype(np.float32)
-    view = cv2.GaussianBlur(view, (0, 0), rng.uniform(0.7, 1.2))
+    view = view * gain[..., None] + rng.normal(0, style.noise, (HEIGHT, WIDTH, 3)).astype(np.float32)
+    view = cv2.GaussianBlur(view, (0, 0), rng.uniform(*style.blur))
     return np.clip(view, 0, 255).astype(np.uint8)
 
 
@@ -206,14 +252,16 @@ def truth_json(truth: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--quality", type=int, default=40, help="MJPG quality, 0-100 (40 keeps the file near 4 MB)")
+    parser.add_argument("--quality", type=int, help="MJPG quality, 0-100 (default 40, and 30 for --hard: each file near 4 MB)")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--hard", action="store_true", help="write sample_hard.avi and truth_hard.json")
     args = parser.parse_args()
+    style = HARD if args.hard else NORMAL
     rng = np.random.default_rng(args.seed)
     mnist = load_mnist()  # the repo's own copy, checked against MNIST's sha256
     images, labels = mnist["x_test"], mnist["y_test"]
-    order = rng.permutation(len(SCENES))  # scenes of each kind spread over the video
-    video = args.out / "sample.avi"
+    order = rng.permutation(len(style.scenes))  # scenes of each kind spread over the video
+    video = args.out / f"{style.name}.avi"
     # OpenCV's own MJPEG writer: no FFmpeg needed, same bytes everywhere, and it honours the quality.
     writer = cv2.VideoWriter(
         str(video),
@@ -222,18 +270,18 @@ def main() -> None:
         FPS,
         (WIDTH, HEIGHT),
     )
-    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, args.quality)  # ignored when passed to the constructor
+    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, args.quality if args.quality is not None else style.quality)  # ignored when passed to the constructor
     if not writer.isOpened():
         raise SystemExit(f"{video}: OpenCV cannot write MJPG here")
     frames = []
-    for kind in (SCENES[i] for i in order):
+    for kind in (style.scenes[i] for i in order):
         world, writable = surface(rng, kind)
-        homographies = camera_path(rng)
-        digits = [] if kind.startswith("blank") else place_digits(rng, images, labels, writable, homographies)
+        homographies = camera_path(rng, style)
+        digits = [] if kind.startswith("blank") else place_digits(rng, images, labels, writable, homographies, style.gap)
         world = write_ink(rng, world, digits, kind)
         boxes = [frame_boxes(d.points, homographies) for d in digits]
-        for t, (homography, gain) in enumerate(zip(homographies, lighting(rng))):
-            writer.write(render(world, homography, gain, rng))
+        for t, (homography, gain) in enumerate(zip(homographies, lighting(rng, style))):
+            writer.write(render(world, homography, gain, rng, style))
             frames.append(
                 {
                     "frame": len(frames),
@@ -253,7 +301,7 @@ def main() -> None:
         "box": f"x, y, w, h in frame pixels of the ink at least {INK_BOX_ALPHA} opaque, after the camera warp",
         "frames": frames,
     }
-    (args.out / "truth.json").write_text(truth_json(truth))
+    (args.out / ("truth_hard.json" if args.hard else "truth.json")).write_text(truth_json(truth))
     found = sum(len(f["digits"]) for f in frames)
     print(f"{video}: {len(frames)} frames, {found} digits, {video.stat().st_size / 1e6:.1f} MB")
 
