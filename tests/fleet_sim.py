@@ -5,7 +5,8 @@
 One Mosquitto with mutual TLS and the policy ACL stands in for IoT Core, with the Jobs/Shadow test service
 (tests/iot_service.py) answering on it; a local HTTPS server stands in for S3. Each device is a real
 `edge-agent run --transport mqtt` process with its own certificate, settings file, outbox and model store,
-serving the sample video at --fps (2 by default: a hundred agents fit two cores). The release is made by the
+serving the sample video at --fps (2 by default: a hundred agents fit two cores), niced so that the stand-ins
+for AWS's side (broker, Jobs service) keep their share of the machine. The release is made by the
 operator's own code (agent.fleet.publish: zip, verify, sign, the signed model-update document); the job goes
 to every device as a group job does, paced and judged by the stand-in with the operator's own rollout
 settings (agent.fleet.rollout.Rollout: exponential rate, maximum per minute, abort criteria), and the URL
@@ -57,6 +58,7 @@ from agent.messages import unbatch  # noqa: E402
 from agent.settings import DEV_SIGNING_KEY, SHIPPED_BUNDLE, validate_settings  # noqa: E402
 
 JOB_ID = "fleet-sim-model-update"
+AGENT_NICENESS = 10
 # Fast enough that a hundred devices are notified within half a minute: 60/min at first, doubling after
 # every 10 successes, at most 1000/min; cancel when 20% of at least 20 finished devices failed (a corrupted
 # download fails within a second, a good update takes seconds, so failures come first among the finished).
@@ -189,7 +191,9 @@ def simulate(devices: int, corrupt: int, fps: float, measure_s: float, timeout_s
                 log = open(home / "agent.log", "w")
                 logs.append(log)
                 command = [sys.executable, "-m", "agent", "run", "--config", str(config)]
-                processes[thing] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=home, env=agent_env())
+                # Agents run niced: on one machine a hundred of them would otherwise starve the stand-ins for
+                # IoT Core (broker, Jobs) that in the field run on AWS's side, not the devices'.
+                processes[thing] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=home, env=agent_env(), preexec_fn=lambda: os.nice(AGENT_NICENESS))
             startup = wait(lambda: all(results.count(t) for t in things), "every device's first result", timeout_s, processes)
 
             # Steady state before the update: CPU, memory, result rate per agent process, broker traffic.
