@@ -90,12 +90,13 @@ component: $(VENV)/.installed
 docs: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/test_docs.py
 
-# DEVICES agent processes (2 fps each), one broker, a paced model rollout with CORRUPT corrupted downloads
-# (make test runs a small one). `make fleet-sim DEVICES=20 CORRUPT=2`.
+# DEVICES agent processes (FPS frames/s each), one broker, a paced model rollout with CORRUPT corrupted
+# downloads (make test runs a small one). `make fleet-sim DEVICES=20 CORRUPT=2 FPS=2`.
 DEVICES ?= 100
 CORRUPT ?= 3
+FPS ?= 1
 fleet-sim: $(VENV)/.installed-test system-deps
-	$(BIN)/python tests/fleet_sim.py --devices $(DEVICES) --corrupt $(CORRUPT)
+	$(BIN)/python tests/fleet_sim.py --devices $(DEVICES) --corrupt $(CORRUPT) --fps $(FPS)
 
 schema: $(VENV)/.installed
 	$(BIN)/edge-agent schema

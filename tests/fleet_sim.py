@@ -1,11 +1,11 @@
 """Fleet simulation: N real agent processes, one model update rolled out to all of them, some downloads corrupted.
 
-    .venv/bin/python tests/fleet_sim.py --devices 100 --corrupt 3        (`make fleet-sim`, DEVICES=100)
+    .venv/bin/python tests/fleet_sim.py --devices 100 --corrupt 3 --fps 1        (`make fleet-sim`)
 
 One Mosquitto with mutual TLS and the policy ACL stands in for IoT Core, with the Jobs/Shadow test service
 (tests/iot_service.py) answering on it; a local HTTPS server stands in for S3. Each device is a real
 `edge-agent run --transport mqtt` process with its own certificate, settings file, outbox and model store,
-serving the sample video at --fps (2 by default: a hundred agents fit two cores), niced so that the stand-ins
+serving the sample video at --fps (2 by default; `make fleet-sim` runs a hundred at 1, which two cores hold), niced so that the stand-ins
 for AWS's side (broker, Jobs service) keep their share of the machine. The release is made by the
 operator's own code (agent.fleet.publish: zip, verify, sign, the signed model-update document); the job goes
 to every device as a group job does, paced and judged by the stand-in with the operator's own rollout
