@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from agent.settings import SHIPPED_BUNDLE
 from broker import needs_mosquitto
 from fleet_sim import SIM_ROLLOUT, simulate
 
@@ -21,7 +22,8 @@ def test_a_small_fleet_takes_a_paced_update_and_the_corrupted_download_fails_on_
     assert report["updated"] == 9 and report["rollout"]["job_status"] == "COMPLETED"
     assert report["failed"] == {"sim-005": "SHA256_MISMATCH"}
     failure = report["failures"]["sim-005"]
-    assert failure["serving"] == "1.0.0" and "the artifact was corrupted" in failure["message"]
+    shipped = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())["version"]
+    assert failure["serving"] == shipped and "the artifact was corrupted" in failure["message"]
 
 
 def test_a_rollout_over_its_abort_threshold_is_canceled_before_it_reaches_the_rest(tmp_path):
