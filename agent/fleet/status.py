@@ -206,7 +206,7 @@ def indexed_status(aws: Aws, group: str | None, job: str | None) -> FleetStatus:
         for device in devices:
             if device.thing in statuses:
                 device.job_id, device.job_status = job, statuses[device.thing]
-                if device.failed:  # one request per failure; at fleet scale, a shadow's figures are per device (--group off)
+                if device.failed:  # one request per failure (a shadow evaluation's figures: device by device, without the index)
                     read_details(device, execution_details(aws, job, device.thing))
     return FleetStatus(sorted(devices, key=lambda device: device.thing), source="fleet-index")
 
