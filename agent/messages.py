@@ -105,17 +105,6 @@ class InferenceResult(Envelope):
     latency: StageLatency
 
 
-class StatusMessage(Envelope):
-    """Retained on the status topic; the MQTT last will publishes the offline form."""
-
-    kind: Literal["status"] = "status"
-    state: Literal["online", "offline", "degraded"]
-    agent_version: str
-    model: ModelRef | None = None
-    reason: str | None = None
-    outbox_dropped: int = Field(0, ge=0, description="messages the outbox dropped this run (full, too old, or refused for good)")
-
-
 class ShadowFigures(Message):
     """How a candidate running in shadow compares with the serving model, so far or in the end.
 
@@ -136,6 +125,18 @@ class ShadowFigures(Message):
     latency_ratio: float | None = Field(None, ge=0.0, description="candidate median time per frame over the serving model's")
     elapsed_s: float = Field(ge=0)
     reason: str | None = None
+
+
+class StatusMessage(Envelope):
+    """Retained on the status topic; the MQTT last will publishes the offline form."""
+
+    kind: Literal["status"] = "status"
+    state: Literal["online", "offline", "degraded"]
+    agent_version: str
+    model: ModelRef | None = None
+    reason: str | None = None
+    outbox_dropped: int = Field(0, ge=0, description="messages the outbox dropped this run (full, too old, or refused for good)")
+    shadow: ShadowFigures | None = Field(None, description="the newest shadow evaluation of this run, so far or in the end (what `edge-fleet fleet status` shows)")
 
 
 class MetricsMessage(Envelope):

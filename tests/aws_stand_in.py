@@ -3,7 +3,9 @@
 One ThreadedMotoServer on a free loopback port for the session, emptied before each test. The `edge-fleet`
 processes reach it with --endpoint-url and dummy credentials, with the developer's own AWS configuration
 hidden. Device-side facts AWS would record (a job execution that FAILED with a reason) are set in moto's
-backend, standing in for the device's Jobs data-plane call, which moto does not implement.
+backend, standing in for the device's Jobs data-plane call, which moto does not implement. moto also lacks
+IoT Core's retained messages: `retained_messages` adds them (Publish with retain=true keeps one per topic,
+GetRetainedMessage reads it), as AWS documents them.
 """
 
 from __future__ import annotations
@@ -24,10 +26,49 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def retained_messages() -> None:
+    """IoT Core's retained-message store in moto: the newest retained Publish per topic (an empty payload
+    clears it), answered by GetRetainedMessage, or ResourceNotFoundException when the topic holds none."""
+    import base64
+    import json
+    import time
+    from urllib.parse import unquote
+
+    from moto.iotdata.exceptions import ResourceNotFoundException
+    from moto.iotdata.responses import IoTDataPlaneResponse
+
+    if hasattr(IoTDataPlaneResponse, "get_retained_message"):
+        return
+    plain_publish = IoTDataPlaneResponse.publish
+
+    def store(response) -> dict:
+        return vars(response.iotdata_backend).setdefault("retained", {})  # a reset makes new backends: emptied
+
+    def publish(self) -> str:
+        if self.querystring.get("retain", ["false"])[0] == "true":
+            topic = unquote(self.path.split("/topics/")[-1])
+            if self.body:
+                store(self)[topic] = (bytes(self.body), int(self.querystring.get("qos", ["0"])[0]), int(time.time() * 1000))
+            else:
+                store(self).pop(topic, None)
+        return plain_publish(self)
+
+    def get_retained_message(self) -> str:
+        topic = unquote(self.path.split("/retainedMessage/")[-1])
+        if topic not in store(self):
+            raise ResourceNotFoundException()
+        payload, qos, modified = store(self)[topic]
+        return json.dumps({"topic": topic, "payload": base64.b64encode(payload).decode(), "qos": qos, "lastModifiedTime": modified})
+
+    IoTDataPlaneResponse.publish = publish
+    IoTDataPlaneResponse.get_retained_message = get_retained_message
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    retained_messages()
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -558,8 +558,10 @@ def test_status_falls_back_device_by_device_when_the_index_is_not_ready(fleet_aw
         iot.add_response("list_things", {"things": [{"thingName": "cam-0001"}]}, {})
         data.add_client_error("get_thing_shadow", "ResourceNotFoundException", "No shadow exists", 404)
         iot.add_response("list_job_executions_for_thing", {"executionSummaries": []}, {"thingName": "cam-0001"})
+        data.add_client_error("get_retained_message", "ResourceNotFoundException", "No retained message", 404, {"topic": "edge/cam-0001/status"})
         status = fleet_status(fleet_aws, None)
         iot.assert_no_pending_responses()
+        data.assert_no_pending_responses()
     assert status.source == "per-device" and [d.thing for d in status.devices] == ["cam-0001"]
 
 

@@ -49,22 +49,33 @@ def link(mosquitto, pki):
 
 
 @pytest.fixture
-def device(serving, link):
-    """A serving pipeline with its update manager, and a JobRunner on the agent's MQTT link."""
-    s = serving()
+def devices(serving, link):
+    """Makes a serving pipeline (Serving's settings) with its update manager, whose `start_jobs()` starts a
+    JobRunner on the agent's MQTT link."""
     runners = []
 
-    def start(timeout_s: int = 10) -> JobRunner:
-        runners.append(JobRunner(link.client, THING, s.manager, timeout_s=timeout_s))
-        runners[-1].start()
-        return runners[-1]
+    def make(**settings):
+        s = serving(**settings)
 
-    s.start_jobs = start
-    yield s
+        def start(timeout_s: int = 10) -> JobRunner:
+            runners.append(JobRunner(link.client, THING, s.manager, timeout_s=timeout_s))
+            runners[-1].start()
+            return runners[-1]
+
+        s.start_jobs = start
+        return s
+
+    yield make
     for runner in runners:
         runner.close()
     runners.clear()
     gc.collect()  # release the SDK's native clients before the link below them stops
+
+
+@pytest.fixture
+def device(devices):
+    """A serving pipeline on the sample video, as `devices` makes it by default."""
+    return devices()
 
 
 def wait_terminal(service: IotService, job_id: str, timeout_s: float = 30.0):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from agent_process import wait_for
 from aws_stand_in import aws, aws_env, client, moto_server, set_job_execution  # noqa: F401 (fixtures)
 from broker import mosquitto, pki  # noqa: F401 (fixtures)
 from conftest import REPO, SHIPPED_BUNDLE as SHIPPED
 from bundle_helpers import test_key  # noqa: F401 (fixture)
 from test_fleet_cli import bucket, fleet_aws, unsigned_bundle  # noqa: F401 (fixtures)
 from test_greengrass_ipc import greengrass, model_1_0_1  # noqa: F401 (fixtures)
-from test_jobs import THING, device, link, service, wait_terminal  # noqa: F401 (fixtures)
+from mjpeg_camera import camera  # noqa: F401 (fixture)
+from test_jobs import THING, device, devices, link, service, wait_terminal  # noqa: F401 (fixtures)
 from test_updates import _faint_golden, _float_model
 from update_helpers import (  # noqa: F401 (fixtures)
     DATA,
@@ -106,6 +108,39 @@ def test_a_candidate_that_crashes_fails_the_job_and_is_not_kept(serving, tmp_pat
     assert_served_alone(s)
 
 
+def test_a_candidate_that_stalls_fails_its_job_as_stalled_and_is_not_kept(devices, service, tmp_path, keys, artifacts):
+    """update-stall.tflite spins for seconds on a bright digit (quick on the faint golden set): past stall_s
+    the evaluation gives up on it, while the serving model goes on."""
+    device = devices(shadow={"stall_s": 0.5})
+    data = make_bundle(tmp_path, keys / "trusted.key", **{**_float_model("update-stall.tflite"), "golden": _faint_golden()})
+    device.start_jobs()
+    service.queue_job(THING, "stall-1", shadow_document(artifacts.publish("/jobs/stall.zip", data), data))
+
+    execution = wait_terminal(service, "stall-1", timeout_s=60)
+    details = execution.status_details
+    assert (execution.status, details["reason"]) == ("FAILED", Reason.CANDIDATE_STALLED.value), details
+    assert "over 0.5 s on one frame (stalled)" in details["message"] and details["promoted"] == "false"
+    assert not device.manager.store.path("mnist-int8", NEW).exists()
+    assert_served_alone(device)
+
+
+def test_a_camera_that_goes_quiet_fails_the_job_with_no_frames(camera, devices, service, tmp_path, keys, artifacts):  # camera first: it stops after the pipeline
+    device = devices(source={"spec": camera.url, "loop": False})
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    device.start_jobs()
+    camera.stop()
+    wait_for(lambda: device.pipeline.source.stats.reconnects, "the agent to notice the camera is gone", timeout=30, every=0.05)
+    service.queue_job(THING, "quiet-1", shadow_document(artifacts.publish("/jobs/quiet.zip", data), data, seconds=2))
+
+    execution = wait_terminal(service, "quiet-1", timeout_s=60)
+    details = execution.status_details
+    assert (execution.status, details["reason"], details["frames"]) == ("FAILED", Reason.NO_FRAMES.value, "0"), details
+    assert "no frame reached the candidate in 2 s" in details["message"]
+    assert device.slot.active.ref.version == SERVING and not device.manager.store.path("mnist-int8", NEW).exists()
+    camera.start()  # back on the same port: frames flow again
+    device.wait_frames(3)
+
+
 def test_promotion_swaps_in_the_stored_candidate_without_downloading_it_again(serving, tmp_path, keys, artifacts):
     s = serving()
     data = make_bundle(tmp_path, keys / "trusted.key")
@@ -151,6 +186,31 @@ def test_shadow_figures_reach_the_metrics_topic_and_prometheus(serving, tmp_path
     assert f'edge_agent_shadow_agreement{{candidate="{NEW}",model="mnist-int8"}} 1.0' in text
     assert f'edge_agent_shadow_frames{{candidate="{NEW}",model="mnist-int8"}} 12.0' in text
     assert "edge_agent_shadow_running 0.0" in text
+
+
+def test_the_retained_status_carries_the_figures_and_fleet_status_shows_them(serving, tmp_path, keys, artifacts, aws):
+    from test_fleet_cli import fleet
+
+    s = serving()
+    data = make_bundle(tmp_path, keys / "trusted.key")
+    assert s.manager.apply(shadow_document(artifacts.publish("/shadow/status.zip", data), data, frames=12)).status == Status.SUCCEEDED
+    s.wait_frames(3)
+
+    lines = [line for line in s.pipeline.transport._side.getvalue().splitlines() if json.loads(line)["kind"] == "status"]
+    figures = [json.loads(line)["shadow"] for line in lines]
+    assert {f["state"] for f in figures} == {"running", "succeeded"} and figures[-1]["state"] == "succeeded"
+    final = figures[-1]
+    assert (final["agreement"], final["frames"], final["candidate"]["version"]) == (1.0, 12, NEW) and final["latency_ratio"] > 0
+
+    # IoT Core keeps the newest retained message of the status topic (here: Publish with retain=true, the
+    # store a device's retained MQTT publish lands in); fleet status reads it device by device.
+    client(aws, "iot").create_thing(thingName="cam-1")
+    client(aws, "iot-data").publish(topic="edge/cam-1/status", payload=lines[-1].encode(), retain=True, qos=1)
+    result = fleet(aws, "fleet", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    [shown] = json.loads(result.stdout)["devices"]
+    assert shown["shadow"] == f"{NEW}: 1.0000 succeeded (12 frames, latency x{final['latency_ratio']:.4f})"
+    assert f"{NEW}: 1.0000 succeeded" in fleet(aws, "fleet", "status").stdout.splitlines()[1]
 
 
 def test_a_shadow_job_reports_progress_and_figures_and_succeeds(device, service, tmp_path, keys, artifacts):

@@ -28,6 +28,7 @@ from agent.settings import (
     DownloadSettings,
     ModelSettings,
     Settings,
+    ShadowSettings,
     SourceSettings,
     UpdateSettings,
 )
@@ -90,10 +91,12 @@ class Serving:
     """A real pipeline on the sample video at 30 fps, on its own thread, with an update manager beside it."""
 
     def __init__(self, store: Path, trusted_keys: list[Path], ca_file: Path | None, **update_settings):
+        """`update_settings` are UpdateSettings fields, and `source` and `shadow` sections (dicts) over the defaults."""
         download = DownloadSettings(**{"ca_file": ca_file, "retries": 2, "backoff_initial_s": 0.01, **update_settings.pop("download", {})})
+        source = SourceSettings(**{"spec": str(SAMPLE_VIDEO), "loop": True, "pace_fps": 30, **update_settings.pop("source", {})})
+        shadow = ShadowSettings(**update_settings.pop("shadow", {}))
         updates = UpdateSettings(**{"store": store, "health_frames": 10, "health_timeout_s": 20, "download": download, **update_settings})
-        source = SourceSettings(spec=str(SAMPLE_VIDEO), loop=True, pace_fps=30)
-        settings = Settings(source=source, model=ModelSettings(trusted_keys=[*ModelSettings().trusted_keys, *trusted_keys]), updates=updates)
+        settings = Settings(source=source, model=ModelSettings(trusted_keys=[*ModelSettings().trusted_keys, *trusted_keys]), updates=updates, shadow=shadow)
         self.settings = updates
         self.slot = ModelSlot(load_configured_model(settings))
         self.pipeline = Pipeline(settings.source, self.slot, ConsoleTransport(io.StringIO(), io.StringIO()), SequenceCounter("t"), Tuning(publish_empty=True))

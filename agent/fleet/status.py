@@ -2,14 +2,17 @@
 
 Read from AWS's own records: the model version each agent reports in its classic shadow
 (`reported.model.version`), its job execution and the reason the agent gave in `statusDetails`, and when it
-was last heard from (the shadow's newest reported timestamp, or fleet indexing's connectivity record).
+was last heard from (the shadow's newest reported timestamp, or fleet indexing's connectivity record). A
+shadow evaluation's figures come from the job's `statusDetails`, and device by device also from the agent's
+retained status message (GetRetainedMessage), which has them however the candidate was sent (IoT Jobs or
+a Greengrass deployment).
 
 Two ways to read them. With fleet indexing on (registry and shadow; `edge-fleet cloud deploy
 --fleet-indexing`), the requests do not grow with the fleet per device: SearchIndex pages of 500 things
 (shadow and connectivity included), the rollout's executions in pages of 250 (ListJobExecutionsForJob), one
 DescribeJobExecution per failed device for its reason, and for `--watch` only counts: GetStatistics,
 GetBucketsAggregation over the reported model version, and DescribeJob's rollout counts. With indexing off
-(or not ready) it falls back to three requests per device, side by side (boto3 clients are thread-safe).
+(or not ready) it falls back to four requests per device, side by side (boto3 clients are thread-safe).
 `--watch` shows a progress bar of the rollout until it settles, then its failures.
 """
 
@@ -26,6 +29,8 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from agent.fleet.aws import Aws, CloudError
+from agent.settings import TopicSettings
+from agent.topics import Topics
 
 FAILED = {"FAILED", "TIMED_OUT", "REJECTED"}
 WORKERS = 8
@@ -57,7 +62,7 @@ class Device:
     reason: str | None = None
     last_seen: str | None = None  # ISO 8601 UTC
     connected: bool | None = None  # None: fleet indexing of connectivity is not enabled
-    shadow: str | None = None  # the newest job's shadow evaluation: "candidate version: agreement"
+    shadow: str | None = None  # the newest shadow evaluation: "candidate version: agreement [state] [(frames, latency ratio)]"
 
     @property
     def failed(self) -> bool:
@@ -101,8 +106,8 @@ def thing_names(aws: Aws, group: str | None) -> list[str]:
 
 
 def device_status(aws: Aws, thing: str, job: str | None = None) -> Device:
-    """One device from its shadow and its newest job execution, or its execution of `job` (a third request
-    for a failed one's reason)."""
+    """One device from its shadow, its newest job execution, or its execution of `job` (a third request for
+    its statusDetails), and its retained status (a fourth, for a shadow evaluation's figures)."""
     device = Device(thing)
     shadow = aws.exists("iot-data", "get_thing_shadow", thingName=thing)
     if shadow is not None:
@@ -116,11 +121,40 @@ def device_status(aws: Aws, thing: str, job: str | None = None) -> Device:
         newest = max(summaries, key=lambda e: e["jobExecutionSummary"].get("lastUpdatedAt") or e["jobExecutionSummary"].get("queuedAt"))
         device.job_id, device.job_status = newest["jobId"], newest["jobExecutionSummary"]["status"]
         read_details(device, execution_details(aws, device.job_id, thing))
+    figures = retained_shadow(aws, thing)
+    if figures is not None:  # the device's own, newest view of the evaluation
+        device.shadow = shadow_text(
+            figures["candidate"]["version"], _figure(figures.get("agreement")), " ".join(filter(None, (figures["state"], figures.get("reason")))),
+            figures.get("frames"), _figure(figures.get("latency_ratio")),
+        )
     return device
 
 
+def retained_shadow(aws: Aws, thing: str) -> dict[str, Any] | None:
+    """The shadow evaluation figures in the device's retained status message, if it carries any."""
+    retained = aws.exists("iot-data", "get_retained_message", topic=Topics.for_thing(TopicSettings(), thing).status)
+    try:
+        figures = json.loads(retained["payload"]).get("shadow") if retained else None
+    except (ValueError, AttributeError):  # not an agent's status message
+        return None
+    return figures if isinstance(figures, dict) and isinstance(figures.get("candidate"), dict) else None
+
+
+def _figure(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4f}"  # as in statusDetails
+
+
+def shadow_text(candidate: str, agreement: str | None, state: str | None = None, frames: Any = None, latency_ratio: str | None = None) -> str:
+    """The SHADOW column: "1.1.0: 0.9833 running (60 frames, latency x1.0312)", with what is known."""
+    text = f"{candidate}: {agreement or '-'}" + (f" {state}" if state else "")
+    if frames is not None:
+        text += f" ({frames} frames" + (f", latency x{latency_ratio}" if latency_ratio else "") + ")"
+    return text
+
+
 def per_device_status(aws: Aws, group: str | None, job: str | None = None) -> FleetStatus:
-    """Three requests per device (shadow, executions, the newest one's details): fine for tens of devices."""
+    """Four requests per device (shadow, executions, the newest one's details, the retained status): fine
+    for tens of devices."""
     things = thing_names(aws, group)
     for service in ("iot", "iot-data"):
         aws.client(service)  # made once here, then shared by the worker threads
@@ -189,7 +223,8 @@ def read_details(device: Device, details: dict[str, str]) -> None:
     if device.failed:
         device.reason = " ".join(filter(None, (details.get("reason"), details.get("message")))) or None
     if "agreement" in details:
-        device.shadow = f"{details.get('candidate', '?')}: {details['agreement']}{' promoted' if details.get('promoted') == 'true' else ''}"
+        promoted = "promoted" if details.get("promoted") == "true" else None
+        device.shadow = shadow_text(details.get("candidate", "?"), details["agreement"], promoted, details.get("frames"), details.get("latency_ratio"))
 
 
 def executions(aws: Aws, job: str, status: str | None = None) -> dict[str, str]:

@@ -27,6 +27,7 @@ from agent.messages import (
     InferenceResult,
     MetricsMessage,
     SequenceCounter,
+    ShadowFigures,
     StageLatency,
     StatusMessage,
 )
@@ -104,6 +105,7 @@ class Pipeline:
         self._between_frames: list[Callable[[], None]] = []
         self._changes: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._announced: tuple[str, str | None] = ("online", None)
+        self._shadow: ShadowFigures | None = None  # the newest shadow evaluation's figures, in every status
         self._dropped_reported = 0
         self._stop = threading.Event()
         self._rate = Pacer(tuning.max_fps, sleep=self._stop.wait)  # a stop ends a frame-rate wait at once
@@ -229,7 +231,13 @@ class Pipeline:
         self._announced = (state, reason)
         dropped = self.transport.stats().dropped
         self._dropped_reported = dropped
-        return StatusMessage(**self.sequence.envelope(), state=state, agent_version=__version__, model=self.slot.active.ref, reason=reason, outbox_dropped=dropped)
+        return StatusMessage(**self.sequence.envelope(), state=state, agent_version=__version__, model=self.slot.active.ref, reason=reason, outbox_dropped=dropped, shadow=self._shadow)
+
+    def announce_shadow(self, figures: ShadowFigures) -> None:
+        """The status again, now (and from now on) with a shadow evaluation's figures: the retained status is
+        where an operator reads how a candidate is doing. On the pipeline thread, between two frames."""
+        self._shadow = figures
+        self.transport.publish(self.status(*self._announced))
 
     def metrics(self, interval_s: float, transport_queued: int = 0, transport_dropped: int = 0) -> MetricsMessage:
         elapsed = max(time.monotonic() - self.stats.started_monotonic, 1e-9)

@@ -490,14 +490,16 @@ def _judged(figures: ShadowFigures, plan: ShadowPlan) -> str:
 
 def publish_shadow_figures(pipeline: Pipeline) -> Callable[[Outcome | ShadowFigures], None]:
     """A listener putting shadow figures on the metrics topic, in a metrics message the pipeline thread makes
-    between two frames (its statistics are the pipeline thread's own)."""
+    between two frames (its statistics are the pipeline thread's own), and in the retained status."""
     waiting: queue.SimpleQueue[ShadowFigures] = queue.SimpleQueue()
 
     def publish() -> None:
         while not waiting.empty():
+            figures = waiting.get()
             transport = pipeline.transport.stats()
             snapshot = pipeline.metrics(pipeline.tuning.metrics_interval_s, transport.queued, transport.dropped)
-            pipeline.transport.publish(snapshot.model_copy(update={"shadow": waiting.get()}))
+            pipeline.transport.publish(snapshot.model_copy(update={"shadow": figures}))
+            pipeline.announce_shadow(figures)
 
     pipeline.between_frames(publish)
     return lambda event: waiting.put(event) if isinstance(event, ShadowFigures) else None

@@ -1,6 +1,6 @@
 """Makes the small broken TFLite models the update tests install (run once; the outputs are committed).
 
-    .venv/bin/python tests/data/make_update_models.py
+    .venv/bin/python tests/data/make_update_models.py [NAME ...]   # e.g. stall; default: all of them
 
 Needs TensorFlow (the `train` extra); the tests themselves never import it. Each model is a valid TFLite
 file that misbehaves in one way a bad model update can:
@@ -9,6 +9,8 @@ file that misbehaves in one way a bad model update can:
 - update-nan.tflite: float32 [1, 28, 28, 1] -> NaN scores
 - update-crash.tflite: float32 [1, 28, 28, 1]; invoke fails (GATHER index out of bounds) for an image whose
   pixels (0..1) sum to more than CRASH_ABOVE, i.e. most digits; fainter ones get varying scores
+- update-stall.tflite: float32 [1, 28, 28, 1]; for an image brighter than CRASH_ABOVE, invoke spins in a WHILE
+  loop of STALL_ROUNDS matrix products (seconds: a hung accelerator or runaway model); fainter ones are quick
 """
 
 from pathlib import Path
@@ -18,6 +20,7 @@ import tensorflow as tf
 
 HERE = Path(__file__).resolve().parent
 CRASH_ABOVE = 100.0
+STALL_ROUNDS = 50_000
 
 
 def convert(fn, shape) -> bytes:
@@ -45,7 +48,19 @@ def crash(x):
     return tf.reshape(row, [1, 10]) + total * 0.001
 
 
+def stall(x):
+    total = tf.reduce_sum(x)
+    rounds = tf.cast(total > CRASH_ABOVE, tf.int32) * STALL_ROUNDS
+    _, spun = tf.while_loop(lambda i, m: i < rounds, lambda i, m: (i + 1, tf.tanh(tf.matmul(m, m))), [tf.constant(0), tf.fill([128, 128], total * 1e-5)])
+    return tf.nn.softmax(tf.reshape(total * 0.01 * tf.range(10.0), [1, 10]) + tf.reduce_mean(spun))
+
+
+MODELS = {"wrong-input": (wrong_input, [1, 32, 32, 1]), "constant": (constant, [1, 28, 28, 1]), "nan": (nan, [1, 28, 28, 1]), "crash": (crash, [1, 28, 28, 1]), "stall": (stall, [1, 28, 28, 1])}
+
 if __name__ == "__main__":
-    for name, fn, shape in (("wrong-input", wrong_input, [1, 32, 32, 1]), ("constant", constant, [1, 28, 28, 1]), ("nan", nan, [1, 28, 28, 1]), ("crash", crash, [1, 28, 28, 1])):
+    import sys
+
+    for name in sys.argv[1:] or MODELS:  # names to (re)make, default all
+        fn, shape = MODELS[name]
         (HERE / f"update-{name}.tflite").write_bytes(convert(fn, shape))
         print(name, (HERE / f"update-{name}.tflite").stat().st_size, "bytes")
