@@ -14,9 +14,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $@
 
-# The backend tests run every backend this machine can (openvino, onnxruntime) and the bench's plot.
+# The backend tests run every backend this machine can (openvino, onnxruntime) and the bench's plot; the
+# retraining loop's test fine-tunes with the training program (TensorFlow: the train extra).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,openvino,onnx,plot]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,openvino,onnx,plot,train]'
 	touch $@
 
 # tflite-runtime is the fallback backend; it needs numpy<2, so it lives in its own environment and pins.

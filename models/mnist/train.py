@@ -117,7 +117,7 @@ def build_bundle(args: argparse.Namespace) -> None:
     configure_determinism(args.seed, args.threads)
     mnist = load_mnist(args.data)
     x_test, y_test = mnist["x_test"], mnist["y_test"]
-    x_train, y_train = with_datasets(mnist["x_train"], mnist["y_train"], args.dataset, args.dataset_weight)
+    x_train, y_train = with_datasets(*subset(mnist["x_train"], mnist["y_train"], args.train_images, args.seed), args.dataset, args.dataset_weight)
     model = train(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     float_accuracy = accuracy(lambda images: model.predict(images[..., None], batch_size=1000, verbose=0), x_test, y_test)
 
@@ -166,6 +166,14 @@ def build_bundle(args: argparse.Namespace) -> None:
     print(f"model.tflite sha256 {manifest.files[MODEL_FILE]}; bundle {out} " + (f"signed by key {signer}" if signer else "UNSIGNED"))
 
 
+def subset(x: np.ndarray, y: np.ndarray, count: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` of the training images, chosen by seed (all of them for None): a short run, e.g. a test of the loop."""
+    if count is None or count >= len(x):
+        return x, y
+    pick = np.sort(np.random.default_rng([seed, 3_000_000]).choice(len(x), count, replace=False))
+    return x[pick], y[pick]
+
+
 def with_datasets(x: np.ndarray, y: np.ndarray, folders: list[Path], weight: int) -> tuple[np.ndarray, np.ndarray]:
     """MNIST plus the digits of pulled capture datasets (each repeated `weight` times: a few hundred
     reviewed frames would vanish among 60 000 digits otherwise)."""
@@ -199,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--golden-margin", type=float, default=0.02, help="min_golden_accuracy = measured minus this")
     parser.add_argument("--dataset", type=Path, action="append", default=[], help="a folder from `edge-fleet data pull` (labels.csv reviewed) to train on too (repeatable)")
     parser.add_argument("--dataset-weight", type=int, default=20, help="times each captured digit is repeated in the training set")
+    parser.add_argument("--train-images", type=int, default=None, help="train on this many MNIST training images, chosen by seed (default: all 60 000)")
     return parser.parse_args(argv)
 
 
