@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to for real: the MQTT broker, openssl for test certificates, a browser.
 APT_PACKAGES := mosquitto openssl chromium
 
-.PHONY: demo demo-face face-bundle test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
+.PHONY: demo demo-face face-bundle finder-bundle test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,11 +65,18 @@ bench-backends: $(VENV)/.installed-test $(TFLITE_VENV)/.installed
 	$(BIN)/edge-agent bench --backends all --python tflite-runtime=$(TFLITE_VENV)/bin/python --json var/bench-backends.json --plot var/bench-backends.png
 
 # Re-make the shipped bundle with model.onnx beside the same model.tflite, as a new VERSION signed with KEY.
-KEY ?= $(HOME)/.config/edge-agent/dev-signing-2026-12.key
+KEY ?= $(HOME)/.config/edge-agent/release-dev-signing.key
 bundle-onnx: $(VENV)/.installed
-	@test -n "$(VERSION)" || { echo "usage: make bundle-onnx VERSION=1.1.0 KEY=path/to/dev-signing-2026-12.key"; exit 2; }
+	@test -n "$(VERSION)" || { echo "usage: make bundle-onnx VERSION=X.Y.Z KEY=path/to/release-dev-signing.key"; exit 2; }
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[train]'
 	$(BIN)/python -m models.mnist.convert_onnx --bundle models/mnist/bundle --version $(VERSION) --key $(KEY)
+
+# Train the learned digit finder on synthetic scenes (about 35 minutes on 2 cores) and add it to the shipped
+# bundle as finder.tflite, as a new VERSION signed with KEY (the classifier is kept as it is).
+finder-bundle: $(VENV)/.installed
+	@test -n "$(VERSION)" || { echo "usage: make finder-bundle VERSION=X.Y.Z KEY=path/to/release-dev-signing.key"; exit 2; }
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[train]'
+	$(BIN)/python -m models.mnist.finder.train --bundle models/mnist/bundle --version $(VERSION) --key $(KEY)
 
 # Retrain the model (TensorFlow is the optional train extra; about 4 minutes on 2 cores) into a scratch
 # bundle signed with your own key (made on first use); the tracked, shipped bundle is never touched.

@@ -33,6 +33,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "--ca": (("mqtt", "ca"), {}, "CA certificate for the endpoint (default: Amazon Root CA 1)"),
     "--backend": (("model", "backend"), {}, "what runs the model: auto or a backend's name (edge-agent bench --backends all lists them)"),
     "--threshold": (("model", "score_threshold"), {}, "publish predictions scoring at least this"),
+    "--finder": (("tasks", "mnist_digits", "finder"), {"choices": ["auto", "learned", "opencv"]}, "digit finder: the bundle's learned one, OpenCV's, or auto (learned when the bundle has one)"),
     "--pace-fps": (("source", "pace_fps"), {}, "at most this many frames a second (a file is read like a camera; a live source drops the rest)"),
     "--trusted-key": (("model", "trusted_keys"), {"action": "append"}, "Ed25519 public key allowed to sign models (repeatable)"),
     "--liveview-port": (("liveview", "port"), {}, "port of the live view, /metrics and /healthz (default 8080)"),

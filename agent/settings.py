@@ -31,11 +31,13 @@ PACKAGE = Path(__file__).resolve().parent
 SHIPPED = PACKAGE / "shipped"
 SHIPPED_BUNDLE = SHIPPED / "mnist-bundle"
 SHIPPED_SAMPLE_VIDEO = SHIPPED / "sample.avi"
-# The development key that signs the shipped bundle (1.1.0), and the one that signed 1.0.0 (its private half
-# is lost, so it signs nothing new; bundles it signed still load).
-DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing-2026-12.pub"
+# The development key that signs the shipped MNIST bundle (1.2.0 on), and the earlier ones, whose private
+# halves are lost, so they sign nothing new; the bundles they signed still load: 1.0.0 (the first key),
+# 1.1.0 and the face bundle (the 2026-12 key).
+DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing-2026-12b.pub"
 PREVIOUS_DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"
-DEV_SIGNING_KEYS = (PREVIOUS_DEV_SIGNING_KEY, DEV_SIGNING_KEY)
+DEV_SIGNING_KEY_2026_12 = SHIPPED / "keys" / "dev-signing-2026-12.pub"
+DEV_SIGNING_KEYS = (PREVIOUS_DEV_SIGNING_KEY, DEV_SIGNING_KEY_2026_12, DEV_SIGNING_KEY)
 AMAZON_ROOT_CA = PACKAGE / "certs" / "AmazonRootCA1.pem"
 # State the agent writes; relative values of these settings are inside state_dir.
 STATE_PATHS = (("outbox", "path"), ("updates", "store"), ("capture", "spool"))
@@ -255,6 +257,16 @@ class DigitFinderSettings(Section):
     """How the finder looks for digits. Heights are fractions of the frame height, so one setting serves
     any camera resolution."""
 
+    finder: Literal["auto", "learned", "opencv"] = Field(
+        "auto",
+        description="learned: the bundle's finder model (finder.tflite, best on ruled paper, close digits and shadows); "
+        "opencv: the hand-written finder; auto: learned when the bundle carries a finder model",
+    )
+    centre_score: float = Field(0.3, gt=0, lt=1, description="learned finder: a digit's centre must score at least this")
+    learned_min_contrast: float = Field(
+        0.12, gt=0, lt=1, description="learned finder: the ink at a found centre must differ from its own paper by this "
+        "fraction of it (below min_contrast: the network has already judged it a digit, and shadows and blur fade ink)",
+    )
     polarity: Literal["auto", "dark", "light"] = Field(
         "auto", description="dark: dark ink on light paper; light: chalk on a dark board; auto: either, per digit"
     )

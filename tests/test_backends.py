@@ -354,12 +354,12 @@ def test_a_plugin_backend_is_found_through_its_entry_point(tmp_path):
     assert second.startswith("setting model.backend gain: Input should be a valid integer")
 
 
-# ---- the bundles: 1.1.0 carries model.onnx, 1.0.0 still loads --------------------------------------------------
+# ---- the bundles: 1.2.0 carries model.onnx and finder.tflite, 1.0.0 still loads --------------------------------------------------
 
-def test_shipped_bundle_is_signed_by_the_current_development_key_and_carries_model_onnx(bundle):
+def test_shipped_bundle_is_signed_by_the_current_development_key_and_carries_model_onnx_and_the_finder(bundle):
     assert bundle.signer == key_id(load_public_key(DEV_SIGNING_KEY))
-    assert bundle.manifest.version == "1.1.0"
-    assert {"model.tflite", "model.onnx"} <= set(bundle.manifest.files)
+    assert bundle.manifest.version == "1.2.0"
+    assert {"model.tflite", "model.onnx", "finder.tflite"} <= set(bundle.manifest.files)
 
 
 @pytest.mark.skipif(not HAS_LITERT, reason="ai-edge-litert runs in the main environment")

@@ -57,7 +57,7 @@ def test_the_installed_agent_runs_from_any_directory_on_what_its_wheel_ships(ins
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
     inference = [result for result in results if result["kind"] == "inference"]
-    assert inference and all(result["model"]["version"] == "1.1.0" for result in inference)
+    assert inference and all(result["model"]["version"] == "1.2.0" for result in inference)
     assert Path(inference[0]["source"]).is_relative_to(installed.parent), "the sample video is the wheel's own"
     assert list(anywhere.iterdir()) == []  # nothing written where it was started
 
@@ -78,7 +78,7 @@ def test_a_provisioned_folder_copied_anywhere_starts_the_installed_agent(install
         capture_output=True, text=True, timeout=120, env=agent_env(), cwd=tmp_path / "elsewhere",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
-    assert {json.loads(line)["model"]["version"] for line in started.stdout.splitlines()} == {"1.1.0"}
+    assert {json.loads(line)["model"]["version"] for line in started.stdout.splitlines()} == {"1.2.0"}
 
 
 def unit_setting(name: str) -> str:
@@ -166,7 +166,7 @@ def test_defaults_name_what_the_package_ships_not_a_checkout():
     settings = load_settings()
     for path in (settings.model.bundle, *settings.model.trusted_keys, Path(settings.source.spec), settings.mqtt.ca):
         assert path.is_relative_to(PACKAGE) and path.exists(), path
-    assert settings.model.trusted_keys == list(DEV_SIGNING_KEYS) and len(DEV_SIGNING_KEYS) == 2
+    assert settings.model.trusted_keys == list(DEV_SIGNING_KEYS) and len(DEV_SIGNING_KEYS) == 3
     assert SHIPPED_BUNDLE.resolve() == REPO / "models" / "mnist" / "bundle"  # in a checkout, a link to the one bundle
     assert Path(settings.source.spec).resolve() == SAMPLE_VIDEO
 

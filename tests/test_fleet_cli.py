@@ -143,7 +143,7 @@ def test_publish_signs_uploads_content_addressed_and_creates_a_paced_job(aws, tm
     raw = json.loads(client(aws, "iot").get_job_document(jobId=published["job_id"])["document"])
     jsonschema.validate(raw, json.loads((REPO / "deploy" / "jobs" / "model-update.schema.json").read_text()))
     document = parse_update(raw)
-    assert (document.name, document.version, document.sha256, document.size) == ("mnist-int8", "1.1.0", published["sha256"], downloaded.stat().st_size)
+    assert (document.name, document.version, document.sha256, document.size) == ("mnist-int8", "1.2.0", published["sha256"], downloaded.stat().st_size)
     assert document.url == f"${{aws:iot:s3-presigned-url-v2:https://s3.{REGION}.amazonaws.com/{bucket}/{key}}}"
     signed = document_signed_bytes(document.name, document.version, document.sha256, document.size)
     assert verify(signed, document.signature.model_dump_json().encode(), [test_key[1]], "job") == document.signature.key_id
@@ -158,7 +158,7 @@ def test_publish_signs_uploads_content_addressed_and_creates_a_paced_job(aws, tm
     again = publish(aws, downloaded, bucket, test_key[0], "--thing", "device-1")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sha256"] == published["sha256"] and "s3://" not in again.stderr
-    assert [obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket)["Contents"]] == [key, "models/mnist-int8/versions/1.1.0.json"]
+    assert [obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket)["Contents"]] == [key, "models/mnist-int8/versions/1.2.0.json"]
 
 
 def test_publish_dry_run_uploads_nothing(aws, tmp_path, bucket, unsigned_bundle, test_key):
@@ -167,7 +167,7 @@ def test_publish_dry_run_uploads_nothing(aws, tmp_path, bucket, unsigned_bundle,
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [request["operation"] for request in plan["requests"]] == ["PutObject", "PutObject", "CreateJob"]
-    assert json.loads(plan["requests"][1]["params"]["Body"])["version"] == "1.1.0"  # the release record, as text
+    assert json.loads(plan["requests"][1]["params"]["Body"])["version"] == "1.2.0"  # the release record, as text
     create_job = plan["requests"][2]["params"]
     assert json.loads(create_job["document"])["operation"] == "model-update"
     assert create_job["targets"] == [client(aws, "iot").describe_thing(thingName="device-1")["thingArn"]]
@@ -182,11 +182,11 @@ def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket
     second = json.loads(publish(aws, newer, bucket, test_key[0], "--group", "line-a").stdout)
     assert second["sha256"] != first["sha256"]
 
-    result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.1.0", "--bucket", bucket, "--presign-role-arn", ROLE)
+    result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.2.0", "--bucket", bucket, "--presign-role-arn", ROLE)
     assert result.returncode == 0, result.stderr
     rollback = json.loads(result.stdout)
     document = parse_update(json.loads(client(aws, "iot").get_job_document(jobId=rollback["job_id"])["document"]))
-    assert (document.version, document.sha256, document.allow_downgrade) == ("1.1.0", first["sha256"], True)
+    assert (document.version, document.sha256, document.allow_downgrade) == ("1.2.0", first["sha256"], True)
     assert document.signature == parse_update(first["document"]).signature
 
     line = fleet_error(fleet(aws, "model", "rollback", "--group", "line-a", "--to", "0.9.0", "--bucket", bucket, "--presign-role-arn", ROLE))
@@ -195,7 +195,7 @@ def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket
 
 def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aws, tmp_path, bucket):
     """keygen -> provision --trusted-key -> the device starts on the model it shipped with -> publish shipped (its
-    1.1.0 released under the fleet key) -> publish 1.2.0 -> rollback --to 1.1.0, which the device's keys accept."""
+    1.2.0 released under the fleet key) -> publish 1.2.0 -> rollback --to 1.2.0, which the device's keys accept."""
     key = tmp_path / "keys" / "fleet.key"
     assert run_cli("model", "keygen", "--key", key, program="agent.fleet").returncode == 0
     provisioned = fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "device", "--trusted-key", key.with_suffix(".pub"))
@@ -210,7 +210,7 @@ def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aw
         capture_output=True, text=True, timeout=120, env=agent_env(), cwd=tmp_path / "elsewhere",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
-    assert {json.loads(line)["model"]["version"] for line in started.stdout.splitlines()} == {"1.1.0"}
+    assert {json.loads(line)["model"]["version"] for line in started.stdout.splitlines()} == {"1.2.0"}
 
     starting = publish(aws, "shipped", bucket, key, "--group", "line-a")
     assert starting.returncode == 0, starting.stderr
@@ -218,10 +218,10 @@ def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aw
     newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.2.0"))
     assert publish(aws, newer, bucket, key, "--group", "line-a").returncode == 0
 
-    result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.1.0", "--bucket", bucket, "--presign-role-arn", ROLE)
+    result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.2.0", "--bucket", bucket, "--presign-role-arn", ROLE)
     assert result.returncode == 0, result.stderr
     document = parse_update(json.loads(client(aws, "iot").get_job_document(jobId=json.loads(result.stdout)["job_id"])["document"]))
-    assert (document.version, document.sha256, document.allow_downgrade) == ("1.1.0", starting["sha256"], True)
+    assert (document.version, document.sha256, document.allow_downgrade) == ("1.2.0", starting["sha256"], True)
     # What the device checks before it installs it (agent/bundles/updates.py), with its own trusted keys.
     signed = document_signed_bytes(document.name, document.version, document.sha256, document.size)
     fleet_key = verify(signed, document.signature.model_dump_json().encode(), settings.model.trusted_keys, "job document")
@@ -229,7 +229,7 @@ def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aw
     client(aws, "s3").download_file(bucket, starting["s3"].split("/", 3)[3], str(artifact))
     assert sha256_file(artifact) == document.sha256
     bundle = open_bundle(artifact, trusted_keys=settings.model.trusted_keys)
-    assert (bundle.manifest.version, bundle.signer) == ("1.1.0", fleet_key)
+    assert (bundle.manifest.version, bundle.signer) == ("1.2.0", fleet_key)
     assert bundle.manifest.files == open_bundle(SHIPPED_BUNDLE, trusted_keys=DEV_SIGNING_KEYS).manifest.files  # the shipped model, re-signed
 
 
@@ -451,10 +451,10 @@ def test_greengrass_publish_makes_a_component_version_and_keeps_the_groups_other
     rollout = Rollout(base_rate_per_minute=2)
     model = recipe["ComponentName"]
     [manifest] = recipe["Manifests"]
-    expected_recipe = {**recipe, "ComponentVersion": "1.1.0", "Manifests": [{**manifest, "Artifacts": [{**manifest["Artifacts"][0], "Uri": f"s3://{bucket}/{release.key}"}]}]}
+    expected_recipe = {**recipe, "ComponentVersion": "1.2.0", "Manifests": [{**manifest, "Artifacts": [{**manifest["Artifacts"][0], "Uri": f"s3://{bucket}/{release.key}"}]}]}
 
     with Stubber(fleet_aws.client("greengrassv2")) as stub:
-        stub.add_response("create_component_version", {"componentName": model, "componentVersion": "1.1.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": json.dumps(expected_recipe).encode()})
+        stub.add_response("create_component_version", {"componentName": model, "componentVersion": "1.2.0", "creationTimestamp": 0, "status": {}}, {"inlineRecipe": json.dumps(expected_recipe).encode()})
         stub.add_response("list_deployments", {"deployments": [{"deploymentId": "d-1"}]}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
         agent = {"com.example.EdgeAgent": {"componentVersion": "0.1.0", "configurationUpdate": {"merge": "{}"}}}
         policies = {"failureHandlingPolicy": "ROLLBACK", "componentUpdatePolicy": {"action": "NOTIFY_COMPONENTS", "timeoutInSeconds": 120}}
@@ -464,8 +464,8 @@ def test_greengrass_publish_makes_a_component_version_and_keeps_the_groups_other
             {"deploymentId": "d-2", "iotJobId": "job-2"},
             {
                 "targetArn": group_arn,
-                "deploymentName": f"{model} 1.1.0",
-                "components": {**agent, model: {"componentVersion": "1.1.0"}},
+                "deploymentName": f"{model} 1.2.0",
+                "components": {**agent, model: {"componentVersion": "1.2.0"}},
                 "deploymentPolicies": policies,
                 "iotJobConfiguration": rollout.job_configuration(),
             },
@@ -482,12 +482,12 @@ def test_greengrass_rollback_redeploys_the_existing_component_version(fleet_aws,
 
     artifact, release = prepare(unsigned_bundle, test_key[0], tmp_path, bucket)
     upload(fleet_aws, artifact, release)
-    found = find_release(fleet_aws, bucket, "1.1.0", None)
+    found = find_release(fleet_aws, bucket, "1.2.0", None)
     assert found == release
     group_arn = f"arn:aws:iot:{REGION}:123456789012:thinggroup/line-a"
     with Stubber(fleet_aws.client("greengrassv2")) as stub:
         stub.add_response("list_deployments", {"deployments": []}, {"targetArn": group_arn, "historyFilter": "LATEST_ONLY"})
-        components = {"com.example.EdgeAgent.MnistModel": {"componentVersion": "1.1.0"}}
+        components = {"com.example.EdgeAgent.MnistModel": {"componentVersion": "1.2.0"}}
         stub.add_response("create_deployment", {"deploymentId": "d-3"}, {"targetArn": group_arn, "deploymentName": ANY, "components": components, "deploymentPolicies": ANY, "iotJobConfiguration": ANY})
         roll_out(fleet_aws, found, group_arn, "greengrass", Rollout(), presign_role_arn=None, recipe=DEFAULT_RECIPE, new_component=False)
         stub.assert_no_pending_responses()

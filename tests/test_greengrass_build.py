@@ -28,8 +28,8 @@ def test_component_build_writes_each_component_where_gdk_publishes_it_and_prints
     agent = {path.relative_to(checkout / AGENT_BUILD).as_posix() for path in printed if path.is_relative_to(checkout / AGENT_BUILD)}
     model = {path.relative_to(checkout / MODEL_BUILD).as_posix() for path in printed if path.is_relative_to(checkout / MODEL_BUILD)}
     assert len(agent) + len(model) == len(printed)
-    assert "recipes/com.example.EdgeAgent-0.1.0.json" in agent and "recipes/com.example.EdgeAgent.MnistModel-1.1.0.json" in model
-    assert "artifacts/com.example.EdgeAgent.MnistModel/1.1.0/mnist-bundle.zip" in model
+    assert "recipes/com.example.EdgeAgent-0.1.0.json" in agent and "recipes/com.example.EdgeAgent.MnistModel-1.2.0.json" in model
+    assert "artifacts/com.example.EdgeAgent.MnistModel/1.2.0/mnist-bundle.zip" in model
     assert (checkout / AGENT_BUILD / "artifacts/com.example.EdgeAgent/0.1.0/model-signing.pub").read_text() == "a fleet's public key\n"
     guide = (REPO / GREENGRASS / "README.md").read_text()  # says where to look, as the top-level README does
     assert f"{AGENT_BUILD}/" in guide and f"{MODEL_BUILD}/" in guide and "greengrass-build/" in (REPO / "README.md").read_text()
@@ -39,7 +39,7 @@ def test_by_default_the_agent_component_trusts_the_development_key_that_can_stil
     spec = importlib.util.spec_from_file_location("greengrass_build", REPO / GREENGRASS / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    assert build.TRUSTED_KEY == REPO / "models" / "keys" / "dev-signing-2026-12.pub"
+    assert build.TRUSTED_KEY == REPO / "models" / "keys" / "dev-signing-2026-12b.pub"
 
 
 def test_gdk_builds_with_the_projects_venv():

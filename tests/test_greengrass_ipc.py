@@ -95,7 +95,7 @@ def greengrass(tmp_path):
     nucleus = IpcServer(tmp_path / "ipc.socket", thing_name=THING).start()
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    shutil.copy2(REPO / "models" / "keys" / "dev-signing-2026-12.pub", artifacts / "model-signing.pub")
+    shutil.copy2(REPO / "models" / "keys" / "dev-signing-2026-12b.pub", artifacts / "model-signing.pub")
     model = model_component(tmp_path / "model-0", SHIPPED_BUNDLE)
 
     def start(configuration: dict, auth_token: str | None = None, env: dict[str, str] | None = None) -> Component:
@@ -184,7 +184,7 @@ def test_new_model_version_swaps_live_and_defers_restarts_meanwhile(greengrass, 
     nucleus = component.nucleus
     nucleus.wait_for(lambda: component.results())
     shipped_version = component.results()[0]["model"]["version"]
-    trusted = [str(REPO / "models" / "keys" / "dev-signing-2026-12.pub"), str(test_key)]
+    trusted = [str(REPO / "models" / "keys" / "dev-signing-2026-12b.pub"), str(test_key)]
     nucleus.update_configuration({"model": {"bundle": str(new_bundle), "trusted_keys": trusted}})
     nucleus.announce_component_update("deployment-1")  # arrives while the new model loads
     swapped = lambda: [m for m in nucleus.published_to(STATUS) if m.json()["state"] == "online" and m.json()["model"]["version"] == "1.0.1"]  # noqa: E731

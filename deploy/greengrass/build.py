@@ -33,7 +33,7 @@ AGENT_RECIPE = HERE / "recipe.json"
 MODEL_RECIPE = HERE / "model" / "recipe.json"
 MODEL_BUNDLE = Path("models/mnist/bundle")  # paths inside the committed tree
 BUNDLE_ZIP = "mnist-bundle.zip"  # the nucleus unpacks it to {decompressedPath}/mnist-bundle/
-TRUSTED_KEY = REPO / "models" / "keys" / "dev-signing-2026-12.pub"  # the development key whose private half exists
+TRUSTED_KEY = REPO / "models" / "keys" / "dev-signing-2026-12b.pub"  # the development key whose private half exists
 GDK_BUILD = "greengrass-build"  # GDK's output folder, next to each component's gdk-config.json
 # Settings that name something on the build machine, replaced by what a device has. The rest of the
 # DefaultConfiguration is the settings' own defaults; a null leaves a setting to the Run script's flags.

@@ -42,10 +42,11 @@ LIBRARIES = ("tensorflow-cpu", "keras", "numpy", "opencv-python-headless", "ai-e
 
 
 def program_sha256() -> str:
-    """sha256 over the training program's source files (name and content, sorted by name)."""
+    """sha256 over the programs that make the bundle: every source file under models/mnist (the classifier's
+    training, the sample clips, the learned finder's training), by relative path and content, sorted."""
     digest = hashlib.sha256()
-    for path in sorted(PROGRAM_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(PROGRAM_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PROGRAM_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -88,11 +89,12 @@ def train(x_train: np.ndarray, y_train: np.ndarray, *, epochs: int, batch_size: 
 
 
 def to_int8_tflite(model, representative: np.ndarray) -> bytes:
-    """Full-integer post-training quantization: int8 weights, activations, input and output."""
+    """Full-integer post-training quantization: int8 weights, activations, input and output, calibrated on
+    `representative` (uint8 images). The classifier's and the learned finder's both."""
     import keras
     import tensorflow as tf
 
-    image = keras.Input(batch_shape=(1, 28, 28, 1), name="image")  # batch 1: one digit crop per invoke
+    image = keras.Input(batch_shape=(1, *model.input_shape[1:]), name="image")  # batch 1: one image per invoke
     converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(image, model(image, training=False)))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([image[None, ..., None].astype(np.float32) / 255.0] for image in representative)

@@ -23,7 +23,7 @@ from agent.errors import ConfigError, ModelError, Reason
 from agent.inference.backends.base import Backend, TensorSpec
 from agent.settings import BACKEND_ENTRY_POINTS, BACKEND_SETTINGS, describe_validation_error
 
-__all__ = ["Backend", "TensorSpec", "available_backends", "backend_class", "backend_names", "open_backend", "resolve_settings"]
+__all__ = ["Backend", "TensorSpec", "available_backends", "backend_class", "backend_names", "open_backend", "open_interpreter", "resolve_settings"]
 
 BUILTIN: dict[str, str] = {
     "litert": "agent.inference.backends.litert:LiteRtBackend",
@@ -108,3 +108,13 @@ def open_backend(bundle_root: Path, files: Iterable[str], settings: BaseModel) -
     if settings.type not in BACKEND_SETTINGS:
         settings = _plugin_settings(cls, settings)
     return cls(Path(bundle_root) / cls.model_file, settings)
+
+
+def open_interpreter(model_path: Path, threads: int) -> Backend:
+    """A TFLite file a task runs beside its bundle's model (the learned digit finder) on the first installed
+    TFLite interpreter, ai-edge-litert or tflite-runtime, whatever backend serves the model itself."""
+    for name in ("litert", "tflite-runtime"):
+        cls = backend_class(name)
+        if _installed(cls):
+            return cls(Path(model_path), BACKEND_SETTINGS[name](threads=threads))
+    raise ModelError(f"{model_path}: no TFLite interpreter installed to run it; pip install ai-edge-litert (or tflite-runtime)", Reason.MODEL_FAILED)

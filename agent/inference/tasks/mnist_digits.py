@@ -1,6 +1,8 @@
 """`mnist-digits`: every handwritten digit in a frame, found, brought into MNIST's form and classified.
 
-The finder (digit_finder.py) makes one 28x28 image per digit; the model classifies one digit per invoke
+The finder makes one 28x28 image per digit: the bundle's learned finder model (learned_finder.py) when it
+carries one, or the hand-written OpenCV finder (digit_finder.py), as tasks.mnist_digits.finder says. The
+model classifies one digit per invoke
 (the shipped models have batch size 1); each digit becomes a prediction with its box in frame pixels.
 Golden check: top-1 accuracy on the bundle's golden digits.
 """
@@ -14,6 +16,7 @@ from agent.errors import ModelError, Reason
 from agent.inference.backends.base import TensorSpec
 from agent.inference.tasks.base import GoldenScore, Prepared, Run, Task, check_tensor
 from agent.inference.tasks.digit_finder import MNIST_SIZE, DigitFinder
+from agent.inference.tasks.learned_finder import FINDER_FILE, LearnedDigitFinder
 from agent.messages import Box, Prediction
 from agent.settings import DigitFinderSettings
 
@@ -39,6 +42,16 @@ def classify_digits(run: Run, input_spec: TensorSpec, output_spec: TensorSpec, i
     return digit_scores(output_spec, [run([quantized[i : i + 1]]) for i in range(len(images))])
 
 
+def make_finder(bundle: Bundle, settings: DigitFinderSettings) -> DigitFinder | LearnedDigitFinder:
+    """The finder the settings ask for: the bundle's learned one when it carries one (auto), or OpenCV's."""
+    carries = FINDER_FILE in bundle.manifest.files
+    if settings.finder == "learned" and not carries:
+        raise ModelError(f"{bundle.root}: tasks.mnist_digits.finder is learned but this bundle has no {FINDER_FILE}; set it to auto or opencv, or use a bundle with a finder model", Reason.INVALID_BUNDLE)
+    if settings.finder == "opencv" or not carries:
+        return DigitFinder(settings)
+    return LearnedDigitFinder(bundle.root / FINDER_FILE, settings)
+
+
 class MnistDigitsTask(Task):
     name = "mnist-digits"
 
@@ -57,7 +70,7 @@ class MnistDigitsTask(Task):
         self._bundle = bundle
         self._input, self._output = inputs[0], outputs[0]
         self._labels = bundle.labels
-        self._finder = DigitFinder(settings)
+        self._finder = make_finder(bundle, settings or DigitFinderSettings())
 
     def prepare(self, image: np.ndarray) -> Prepared:
         found = self._finder.find(image)

@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
-  "key_id": "b4524250a20daa73",
-  "signature": "7+JgKrmJ0ggSt7NYwNW68u4s9l71sOlyYziZS0XaTYXHmRkoSbVPvbP1iABJC6mwY4t7uk7MUlWPzwfl4Jx5Ag=="
+  "key_id": "fb61c05f78792c69",
+  "signature": "FGHMBfUNNDPFNX7dmc4oZLcNJD4j1BrUVYWMHKFFBYhQ7+lQvd0Kdt4xo+dx6Q2ICQvtAIA/RkqvcKM/VpmHDQ=="
 }
