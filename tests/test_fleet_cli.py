@@ -178,7 +178,7 @@ def test_publish_dry_run_uploads_nothing(aws, tmp_path, bucket, unsigned_bundle,
 def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket, unsigned_bundle, test_key):
     assert fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "d1").returncode == 0
     first = json.loads(publish(aws, unsigned_bundle, bucket, test_key[0], "--group", "line-a").stdout)
-    newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.2.0"))
+    newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.3.0"))
     second = json.loads(publish(aws, newer, bucket, test_key[0], "--group", "line-a").stdout)
     assert second["sha256"] != first["sha256"]
 
@@ -195,7 +195,7 @@ def test_rollback_points_a_new_job_at_the_earlier_artifact(aws, tmp_path, bucket
 
 def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aws, tmp_path, bucket):
     """keygen -> provision --trusted-key -> the device starts on the model it shipped with -> publish shipped (its
-    1.2.0 released under the fleet key) -> publish 1.2.0 -> rollback --to 1.2.0, which the device's keys accept."""
+    1.2.0 released under the fleet key) -> publish 1.3.0 -> rollback --to 1.2.0, which the device's keys accept."""
     key = tmp_path / "keys" / "fleet.key"
     assert run_cli("model", "keygen", "--key", key, program="agent.fleet").returncode == 0
     provisioned = fleet(aws, "provision", "device-1", "--group", "line-a", "--out", tmp_path / "device", "--trusted-key", key.with_suffix(".pub"))
@@ -215,7 +215,7 @@ def test_trust_chain_from_a_new_fleet_key_to_a_rollback_to_the_starting_model(aw
     starting = publish(aws, "shipped", bucket, key, "--group", "line-a")
     assert starting.returncode == 0, starting.stderr
     starting = json.loads(starting.stdout)
-    newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.2.0"))
+    newer = make_bundle(tmp_path / "newer", None, lambda raw: raw.update(version="1.3.0"))
     assert publish(aws, newer, bucket, key, "--group", "line-a").returncode == 0
 
     result = fleet(aws, "model", "rollback", "--group", "line-a", "--to", "1.2.0", "--bucket", bucket, "--presign-role-arn", ROLE)
