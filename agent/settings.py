@@ -58,7 +58,7 @@ class SourceSettings(Section):
     colour: bool | None = Field(
         None,
         description="keep frames in colour (the live view shows them so); off, frames are grey, all the digit finder reads, and an MJPG file decodes in 40% less time; "
-        "null: as the model at start-up reads them (colour for a face detector, grey for the digit finder)",
+        "null: as the model in use reads them (colour for a face detector, grey for the digit finder), switching when a model update swaps one for the other",
     )
     open_timeout_s: float = Field(30.0, ge=0, description="how long start-up keeps trying to open a camera or stream that is not there yet (plugged in late, still booting) before giving up; 0: one attempt")
     reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a live source that disappeared (or did not open at start-up)")

@@ -22,17 +22,24 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 class TaskLog:
-    """Observer: (model name, task) of every result (publish_empty makes every frame a result)."""
+    """Observer: (model name, task) of every result (publish_empty makes every frame a result), and whether
+    its frame was in colour."""
 
     def __init__(self):
         self.seen: list[tuple[str, str]] = []
+        self.in_colour: list[bool] = []
 
     def on_frame(self, frame, result, latency_ms):
         self.seen.append((result.model.name, result.task))
+        self.in_colour.append(frame.image.ndim == 3)
 
     def runs(self) -> list[tuple[str, str]]:
         """The (model, task) pairs in the order they served, each once per run of frames."""
         return [pair for i, pair in enumerate(self.seen) if i == 0 or self.seen[i - 1] != pair]
+
+    def last_frames_in_colour(self) -> list[bool]:
+        """For each run, whether its last frame was in colour (the first may have been read before the swap)."""
+        return [self.in_colour[i] for i, pair in enumerate(self.seen) if i == len(self.seen) - 1 or self.seen[i + 1] != pair]
 
 
 def zipped(folder: Path, bundle: Path) -> tuple[Path, bytes]:
@@ -82,6 +89,7 @@ def test_a_job_switches_a_device_from_digits_to_faces_and_back_without_a_restart
     s.wait_frames(5)
     s.assert_no_frame_lost()  # one pipeline, one source, every frame served: no restart
     assert tasks.runs() == [("mnist-int8", "mnist-digits"), ("face-detection", "detection"), ("mnist-int8", "mnist-digits")]
+    assert tasks.last_frames_in_colour() == [False, True, False]  # the source follows the model: grey digits, colour faces
 
 
 def test_a_face_bundle_signed_by_a_key_the_device_does_not_trust_is_refused(serving, tmp_path, keys):

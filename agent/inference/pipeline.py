@@ -71,9 +71,14 @@ class PipelineStats:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
 
 
+def frame_colour(configured: bool | None, task: Task) -> bool:
+    """Colour frames or grey: as `source.colour` is set, or (null) as the model's task reads them."""
+    return task.reads_colour if configured is None else configured
+
+
 def frame_settings(settings: SourceSettings, task: Task) -> SourceSettings:
-    """The source settings with the colour of frames decided: as set, or (null) as the model's task reads them."""
-    return settings if settings.colour is not None else settings.model_copy(update={"colour": task.reads_colour})
+    """The source settings with the colour of frames decided (`frame_colour`)."""
+    return settings.model_copy(update={"colour": frame_colour(settings.colour, task)})
 
 
 def restartable(source: FrameSource, reopen: Callable[[], FrameSource]) -> FrameSource:
@@ -93,6 +98,7 @@ class Pipeline:
         source: FrameSource | None = None,
     ):
         """`source` overrides `source_settings` for callers that bring their own frames (infer, bench)."""
+        self._colour_setting = source_settings.colour  # null: frames follow the model in use (`_follow_model_colour`)
         self._source_settings = source_settings = frame_settings(source_settings, slot.active.task)
         self._source = restartable(source or open_source(source_settings), self._reopen_source)
         self.slot = slot
@@ -135,10 +141,9 @@ class Pipeline:
         this one from then on. A source that cannot be opened stops the loop with its SourceError."""
 
         def replace() -> None:
-            nonlocal settings
-            settings = frame_settings(settings, self.slot.active.task)
-            fresh = restartable(open_source(settings), self._reopen_source)
-            old, self._source, self._source_settings = self._source, fresh, settings
+            resolved = frame_settings(settings, self.slot.active.task)
+            fresh = restartable(open_source(resolved), self._reopen_source)
+            old, self._source, self._source_settings, self._colour_setting = self._source, fresh, resolved, settings.colour
             old.close()
 
         self._changes.put(replace)
@@ -180,6 +185,14 @@ class Pipeline:
 
     def _reopen_source(self) -> FrameSource:
         return open_source(self._source_settings)
+
+    def _follow_model_colour(self) -> None:
+        """With `source.colour` left to the model, a swap to a model that reads the other kind of frame (digits
+        <-> faces) switches the source between grey and colour from the next frame on, without reopening it."""
+        colour = frame_colour(self._colour_setting, self.slot.active.task)
+        if colour != self._source.colour:
+            self._source.set_colour(colour)
+            self._source_settings = self._source_settings.model_copy(update={"colour": colour})
 
     def _apply_changes(self) -> None:
         """Hosts first (what they apply may queue changes), then every queued change, before the next frame."""
@@ -262,6 +275,7 @@ class Pipeline:
         next_metrics = time.monotonic() + self._tuning.metrics_interval_s
         while not self._stop.is_set() and (max_frames is None or self.stats.frames < max_frames):
             self._apply_changes()
+            self._follow_model_colour()
             self._rate.wait()
             frame = self._source.read()
             if frame is None:

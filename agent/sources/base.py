@@ -46,8 +46,9 @@ class FrameSource(ABC):
     live source drops the frames in between.
     """
 
-    def __init__(self, name: str, pace_fps: float | None = None):
+    def __init__(self, name: str, pace_fps: float | None = None, colour: bool = False):
         self.name = name
+        self.colour = colour  # BGR frames, or grey; `set_colour` changes it between two reads
         self.stats = SourceStats()
         # Wakes whoever waits on this source (a paced read, the capture thread, a reader waiting for a frame)
         # when it is stopped. Reentrant, because a stop signal's handler notifies it on the thread that may
@@ -58,6 +59,10 @@ class FrameSource(ABC):
 
     @abstractmethod
     def read(self) -> Frame | None: ...
+
+    def set_colour(self, colour: bool) -> None:
+        """Deliver BGR (True) or grey frames from the next read on: the model swapped in reads the other kind."""
+        self.colour = colour
 
     def close(self) -> None:
         """Release the device or file. Called from the thread that reads."""

@@ -37,9 +37,8 @@ class FileSource(FrameSource):
     """
 
     def __init__(self, name: str, loop: bool, pace_fps: float | None, colour: bool):
-        super().__init__(name, pace_fps)
+        super().__init__(name, pace_fps, colour)
         self._loop = loop
-        self._colour = colour
         self._first_pass = True
         self._decoded_in_pass = False
         self._ahead: tuple[np.ndarray, int, str | None] | None = None
@@ -107,8 +106,8 @@ class VideoFileSource(FileSource):
     def _decode(self, image: np.ndarray) -> np.ndarray | None:
         """What capture.read() gave as the frame to deliver; None for a JPEG packet that does not decode."""
         if self._packets:
-            return cv2.imdecode(image, imread_flag(self._colour))
-        return in_colour_or_grey(image, self._colour)
+            return cv2.imdecode(image, imread_flag(self.colour))
+        return in_colour_or_grey(image, self.colour)
 
     def _next(self) -> tuple[np.ndarray, int, str | None] | None:
         bad: list[int] = []  # indices of the frames skipped on the way to the next good one
@@ -191,7 +190,7 @@ class ImageFilesSource(FileSource):
                 self._position, bad = 0, []
             path = self._files[self._position]
             self._position += 1
-            image = cv2.imread(str(path), imread_flag(self._colour))
+            image = cv2.imread(str(path), imread_flag(self.colour))
             if image is None:
                 self.stats.corrupt += 1
                 if self._first_pass:

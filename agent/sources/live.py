@@ -31,7 +31,7 @@ class LiveSource(FrameSource):
     """
 
     def __init__(self, name: str, open_capture: Callable[[], cv2.VideoCapture], settings: SourceSettings, wait_s: float = 0.0):
-        super().__init__(name, settings.pace_fps)
+        super().__init__(name, settings.pace_fps, settings.colour)
         self._open_capture = open_capture
         self._settings = settings
         self._latest: np.ndarray | None = None
@@ -98,7 +98,7 @@ class LiveSource(FrameSource):
             self._taken_index = self._latest_index
             image = self._latest
         # Converted here, not on the capture thread, so a frame the pipeline skips costs nothing more.
-        return self._frame(in_colour_or_grey(image, self._settings.colour), self._taken_index)
+        return self._frame(in_colour_or_grey(image, self.colour), self._taken_index)
 
     def close(self) -> None:
         """Safe from any thread: the capture thread releases its own capture on the way out."""

@@ -14,7 +14,7 @@ class RestartableSource(FrameSource):
     """
 
     def __init__(self, source: FrameSource, reopen: Callable[[], FrameSource]):
-        super().__init__(source.name)
+        super().__init__(source.name, colour=source.colour)
         self.stats = source.stats
         self._source = source
         self._reopen = reopen
@@ -35,6 +35,10 @@ class RestartableSource(FrameSource):
         stuck.close()
         if self.stopped:  # the agent stopped while the fresh source was opening
             fresh.close()
+
+    def set_colour(self, colour: bool) -> None:
+        super().set_colour(colour)
+        self._source.set_colour(colour)
 
     def interrupt(self) -> None:
         self.stopped = True
