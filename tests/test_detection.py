@@ -177,7 +177,7 @@ def face_golden():
 
 def test_the_face_bundle_is_signed_by_the_development_key_and_meets_its_own_golden_gate():
     model = load_model(FACE_BUNDLE, ModelSettings(), TaskSettings())
-    assert model.bundle.signer == "b4524250a20daa73" and (model.manifest.name, model.manifest.task_id) == ("face-detection", "detection")
+    assert model.bundle.signer == "fb61c05f78792c69" and (model.manifest.name, model.manifest.task_id) == ("face-detection", "detection")
     count = model.task.score_golden(model.backend.run, model.manifest.score_threshold)
     assert (count.recall, count.precision) == (model.manifest.metrics.golden_recall, model.manifest.metrics.golden_precision) == (1.0, 1.0)
     assert model.check_golden().passed and (FACE_BUNDLE / "LICENSE").read_text().startswith("\n                                 Apache License")

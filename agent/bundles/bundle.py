@@ -196,6 +196,21 @@ class PostprocessDecoding(Strict):
     label_offset: int = 0
 
 
+class GflDecoding(Strict):
+    """Anchor-free outputs decoded as Generalized Focal Loss heads (NanoDet) decode them: every cell of each
+    level's grid (input size / stride, row by row, level by level) is one anchor point at
+    ((column, row) + center_offset) * stride input pixels; `scores` [1, N, classes] are its class scores (0..1) and
+    `boxes` [1, N, 4 * (reg_max + 1)] its distances to the left, top, right and bottom edges, each a
+    distribution over 0..reg_max strides whose expectation (softmax, then the mean) is the distance."""
+
+    type: Literal["gfl-distance"] = "gfl-distance"
+    strides: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    reg_max: int = Field(ge=1)
+    input_size_height: int = Field(ge=1)
+    input_size_width: int = Field(ge=1)
+    center_offset: float = Field(0.5, ge=0, le=1)
+
+
 class DetectionMetrics(Strict):
     """Measured on the golden set when the bundle was made: recall and precision at IoU 0.5, 0..1."""
 
@@ -218,7 +233,7 @@ class DetectionManifest(ManifestBase):
     task: Literal["detection"] = "detection"
     input: DetectorInput
     outputs: list[DetectorOutput] = Field(min_length=1)
-    decoding: Annotated[SsdDecoding | PostprocessDecoding, Field(discriminator="type")]
+    decoding: Annotated[SsdDecoding | PostprocessDecoding | GflDecoding, Field(discriminator="type")]
     keypoints: list[str] = Field(default_factory=list, description="names of each detection's keypoints, in the model's order")
     metrics: DetectionMetrics
     score_threshold: float = Field(0.5, gt=0, le=1, description="the score at which golden recall and precision are measured (devices publish at model.score_threshold)")

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from models.detector_bundle import command
+
 PACKAGE = "mediapipe==0.10.21"
 MEMBER = "mediapipe/modules/face_detection/face_detection_short_range.tflite"
 SHA256 = "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"
@@ -56,13 +58,7 @@ def obtain(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.face.obtain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write face_detection_short_range.tflite")
-    args = parser.parse_args(argv)
-    try:
-        print(obtain(args.out))
-    except ObtainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return command(lambda args: print(obtain(args.out)), parser.parse_args(argv), (ObtainError,))
 
 
 if __name__ == "__main__":

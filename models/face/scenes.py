@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from models.detector_bundle import photograph
+
 # Hand-drawn boxes (x, y, w, h) in the original 512 x 512 photographs.
 FACES = {"astronaut": (176, 86, 94, 98), "camera": (184, 126, 70, 72)}
 NEGATIVES = ("coffee", "chelsea", "text")
@@ -25,14 +27,6 @@ class Scene:
     name: str
     image: np.ndarray  # BGR
     faces: list[tuple[float, float, float, float]] = field(default_factory=list)
-
-
-def photograph(name: str) -> np.ndarray:
-    """One of scikit-image's bundled images as a BGR frame (the cameraman is `camera` there)."""
-    import skimage.data
-
-    image = getattr(skimage.data, name)()
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
 
 
 def originals() -> list[Scene]:

@@ -2,8 +2,9 @@
 
 The manifest says how a frame becomes the input (size, letterbox or stretch, colour order, mean/std, the
 tensor's quantization) and how the outputs become detections: raw regressors and scores decoded against SSD
-anchors (ssd.py, then non-maximum suppression), or the boxes, classes, scores and count of a model that ends
-in TFLite's detection post-processing op. Boxes and keypoints are mapped back to frame pixels.
+anchors (ssd.py), or distance distributions and scores at anchor points (gfl.py, NanoDet), each followed by
+non-maximum suppression; or the boxes, classes, scores and count of a model that ends in TFLite's detection
+post-processing op. Boxes and keypoints are mapped back to frame pixels.
 Golden check: recall and precision at IoU 0.5 on the bundle's golden images.
 """
 
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agent.bundles.bundle import Bundle, DetectionManifest, SsdDecoding
+from agent.bundles.bundle import Bundle, DetectionManifest, GflDecoding, SsdDecoding
 from agent.errors import ModelError, Reason
 from agent.inference.backends.base import TensorSpec
 from agent.inference.tasks.base import GoldenScore, Prepared, Run, Task, check_tensor
 from agent.inference.tasks.boxes import Candidates, match, suppress
+from agent.inference.tasks.gfl import GflDecoder
 from agent.inference.tasks.ssd import SsdDecoder
 from agent.messages import Box, Keypoint, Prediction
 from agent.settings import DetectionSettings
@@ -124,9 +126,11 @@ class DetectionTask(Task):
 
     def _make_decoder(self, manifest: DetectionManifest, outputs: list[TensorSpec], where: str):
         decoding = manifest.decoding
-        needed = ("boxes", "scores") if isinstance(decoding, SsdDecoding) else ("boxes", "classes", "scores", "count")
+        needed = ("boxes", "scores") if isinstance(decoding, (SsdDecoding, GflDecoding)) else ("boxes", "classes", "scores", "count")
         if sorted(self._roles) != sorted(needed) or len(self._roles) != len(outputs):
             raise ModelError(f"{where}: {decoding.type} decoding needs outputs {', '.join(needed)} once each, the manifest names {', '.join(c.role for c in manifest.outputs)}; fix the manifest")
+        if isinstance(decoding, GflDecoding):
+            return self._gfl_decoder(decoding, manifest, outputs, where)
         if not isinstance(decoding, SsdDecoding):
             return PostprocessDecoder(decoding.label_offset)
         try:
@@ -141,6 +145,14 @@ class DetectionTask(Task):
             raise ModelError(f"{where}: {decoding.num_keypoints} keypoints decoded but {len(manifest.keypoints)} named, in {decoding.num_coords} values per box; fix the manifest")
         return decoder
 
+    def _gfl_decoder(self, decoding: GflDecoding, manifest: DetectionManifest, outputs: list[TensorSpec], where: str) -> GflDecoder:
+        decoder = GflDecoder(decoding)
+        boxes, scores = outputs[self._roles["boxes"]], outputs[self._roles["scores"]]
+        points = len(decoder.points)
+        if boxes.shape[1:] != (points, decoder.values_per_point) or scores.shape[1] != points or scores.shape[-1] > len(manifest.labels):
+            raise ModelError(f"{where}: the manifest's strides make {points} anchor points of {decoder.values_per_point} distance bins but the model outputs boxes {list(boxes.shape)} and scores {list(scores.shape)}; fix the strides, reg_max or input size", Reason.TENSOR_MISMATCH)
+        return decoder
+
     def prepare(self, image: np.ndarray) -> Prepared:
         tensor, fit = self._fitter(image)
         return Prepared([[tensor]], fit)
@@ -149,7 +161,7 @@ class DetectionTask(Task):
         """One invoke's raw outputs -> detections in normalized input coordinates, suppressed, best first."""
         values = {role: self._outputs[index].dequantize(outputs[index]) for role, index in self._roles.items()}
         settings = self._settings
-        if isinstance(self._decoder, SsdDecoder):
+        if isinstance(self._decoder, (SsdDecoder, GflDecoder)):
             found = suppress(self._decoder.decode(values["boxes"], values["scores"], score_threshold), settings.nms_iou, settings.weighted_nms)
         else:
             found = self._decoder.decode(values["boxes"], values["classes"], values["scores"], values["count"], score_threshold)

@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
-  "key_id": "b4524250a20daa73",
-  "signature": "vBM8+2hm0o0HQZRsbAj+qEx58az2cnUj1szJbL2OhbMgCsnK2gIRR/9qkqOeB7dWR5szPh6jmNn65l+wEQQzBA=="
+  "key_id": "fb61c05f78792c69",
+  "signature": "djft8KJzLpJUKqdNa7jR8nzz0RHKEPVYPqnwicPFvxkzGakDHhcxDN65YuB0ki4e3tuJ4NT27XE/VA1uy8uaAQ=="
 }
