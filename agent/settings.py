@@ -31,9 +31,9 @@ PACKAGE = Path(__file__).resolve().parent
 SHIPPED = PACKAGE / "shipped"
 SHIPPED_BUNDLE = SHIPPED / "mnist-bundle"
 SHIPPED_SAMPLE_VIDEO = SHIPPED / "sample.avi"
-# The development key that signs the shipped MNIST bundle (1.2.0 on), and the earlier ones, whose private
-# halves are lost, so they sign nothing new; the bundles they signed still load: 1.0.0 (the first key),
-# 1.1.0 and the face bundle (the 2026-12 key).
+# The development key that signs the shipped bundles (MNIST 1.2.0, face, COCO), and the earlier ones, whose
+# private halves are lost, so they sign nothing new; the bundles they signed still load: 1.0.0 (the first
+# key), 1.1.0 and the face bundle as first shipped (the 2026-12 key).
 DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing-2026-12b.pub"
 PREVIOUS_DEV_SIGNING_KEY = SHIPPED / "keys" / "dev-signing.pub"
 DEV_SIGNING_KEY_2026_12 = SHIPPED / "keys" / "dev-signing-2026-12.pub"
