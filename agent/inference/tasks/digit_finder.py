@@ -67,6 +67,17 @@ def check_frame(frame: object) -> np.ndarray:
     return frame
 
 
+def ink_against_surface(grey: np.ndarray, kernel: np.ndarray, dark: bool) -> np.ndarray:
+    """How much each pixel differs from the surface right around it, 0-255 as a fraction of it: dark ink
+    against the paper (a closing wider than a stroke fills the strokes in), or light chalk against the board
+    (an opening). Light and shadows change both alike, so they do not change the ink."""
+    if dark:
+        paper = cv2.morphologyEx(grey, cv2.MORPH_CLOSE, kernel)
+        return cv2.divide(cv2.subtract(paper, grey), cv2.max(paper, DIMMEST_PAPER), scale=255)
+    board = cv2.morphologyEx(grey, cv2.MORPH_OPEN, kernel)
+    return cv2.divide(cv2.subtract(grey, board), cv2.max(grey, DIMMEST_PAPER), scale=255)
+
+
 def normalise_digit(ink: np.ndarray) -> np.ndarray:
     """A cropped digit, bright ink on black (uint8 or float in [0, 1]) -> the 28x28 float32 MNIST form.
 
@@ -174,13 +185,9 @@ class DigitFinder:
         kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
         found: list[_Candidates] = []
         if s.polarity in ("auto", "dark"):
-            paper = cv2.morphologyEx(grey, cv2.MORPH_CLOSE, kernel)
-            ink = cv2.divide(cv2.subtract(paper, grey), cv2.max(paper, DIMMEST_PAPER), scale=255)
-            found.append(self._candidates(ink, grey, dark=True))
+            found.append(self._candidates(ink_against_surface(grey, kernel, dark=True), grey, dark=True))
         if s.polarity in ("auto", "light"):
-            board = cv2.morphologyEx(grey, cv2.MORPH_OPEN, kernel)
-            ink = cv2.divide(cv2.subtract(grey, board), cv2.max(grey, DIMMEST_PAPER), scale=255)
-            found.append(self._candidates(ink, grey, dark=False))
+            found.append(self._candidates(ink_against_surface(grey, kernel, dark=False), grey, dark=False))
         return self._digits(found, _overlap_winners(found), factor, (width, height))
 
     def _candidates(self, ink: np.ndarray, grey: np.ndarray, dark: bool) -> _Candidates:

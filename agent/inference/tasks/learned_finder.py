@@ -23,7 +23,7 @@ import numpy as np
 from agent.errors import ModelError, Reason
 from agent.inference.backends import open_interpreter
 from agent.inference.backends.base import TensorSpec
-from agent.inference.tasks.digit_finder import DIMMEST_PAPER, MNIST_SIZE, FoundDigits, check_frame, normalise_digit
+from agent.inference.tasks.digit_finder import MNIST_SIZE, FoundDigits, check_frame, ink_against_surface, normalise_digit
 from agent.settings import DigitFinderSettings
 
 FINDER_FILE = "finder.tflite"
@@ -78,12 +78,7 @@ def crop_digit(grey: np.ndarray, box: tuple[int, int, int, int], polarity: str) 
     for dark in (True, False):
         if polarity != "auto" and dark != (polarity == "dark"):
             continue
-        if dark:
-            paper = cv2.morphologyEx(region, cv2.MORPH_CLOSE, kernel)
-            ink = cv2.divide(cv2.subtract(paper, region), cv2.max(paper, DIMMEST_PAPER), scale=255)
-        else:
-            board = cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel)
-            ink = cv2.divide(cv2.subtract(region, board), cv2.max(region, DIMMEST_PAPER), scale=255)
+        ink = ink_against_surface(region, kernel, dark)
         body = _quantile(ink[inner], BODY_QUANTILE)
         strokes = (ink[inner] >= 0.5 * body).view(np.uint8)
         # The real strokes differ from the surface; the other polarity's "ink" is the surface between them
